@@ -1,0 +1,91 @@
+"""The mount's lifecycle: one nursery owns every background task, from start to unmount.
+
+Order matters: credentials first (a bad key ends the program before anything is mounted),
+then the FUSE session, then "ready". On SIGINT/SIGTERM the closes in progress finish (their
+applications are waiting on them) before the session ends and the mount goes away.
+"""
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .core import Core
+from .credentials import CredentialProvider
+from .fs import Operations
+from .store import S3Store
+
+log = logging.getLogger("minerva.daemon")
+
+
+@dataclass
+class Settings:
+    mountpoint: str
+    api_url: str
+    s3_endpoint_url: str | None = None
+    allow_other: bool = False
+    stop_timeout: float = 120.0
+    credential_wait: float = 60.0
+    debug_fuse: bool = False
+
+
+class MountError(Exception):
+    """The mount point cannot be used; the message says why."""
+
+
+def prepare_mountpoint(path: str) -> None:
+    """Clean up a dead mount left by a crash ('Transport endpoint is not connected')."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"mount point {path}: {exc.strerror}") from None
+        log.warning("%s is a dead mount left by an earlier run; unmounting it", path)
+        subprocess.run(["fusermount3", "-u", "-z", path], check=False, capture_output=True)
+    if not os.path.isdir(path):
+        raise MountError(f"mount point {path} is not a folder")
+    if os.path.ismount(path):
+        raise MountError(f"{path} is already mounted; unmount it first (fusermount3 -u {path})")
+
+
+async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) -> None:
+    prepare_mountpoint(settings.mountpoint)
+    provider = CredentialProvider(settings.api_url, api_key, wait_timeout=settings.credential_wait)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(provider.start)
+        store = S3Store(provider, settings.s3_endpoint_url)
+        core = Core(store, nursery)
+        options = {"fsname=minerva", "subtype=minerva", "noatime"}
+        if settings.allow_other:
+            options.add("allow_other")
+        if settings.debug_fuse:
+            options.add("debug")
+        pyfuse3.init(Operations(core), settings.mountpoint, options)
+        try:
+            nursery.start_soon(_stop_on_signal, core, settings.stop_timeout)
+            log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
+                     settings.mountpoint)
+            on_ready()
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", settings.mountpoint)
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(core: Core, stop_timeout: float) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received: finishing %d uploads in progress, then unmounting",
+                     signal.Signals(signum).name, len(core.pending))
+            unfinished = await core.drain(stop_timeout)
+            for path in unfinished:
+                log.error("not uploaded at stop (still open or failed): %s", path)
+            pyfuse3.terminate()
+            return

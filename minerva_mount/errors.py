@@ -1,0 +1,71 @@
+"""Error types shared by every layer.
+
+Each error carries the errno the file system answers with, so the FUSE adapter can map
+any of them without knowing where it came from. Messages never contain secrets: they are
+built from paths, status codes and error codes only.
+"""
+
+import errno
+
+
+class MinervaError(Exception):
+    """Base class: `errno` is what a file-system caller sees."""
+
+    errno = errno.EIO
+
+    def __init__(self, message: str = "", *, err: int | None = None):
+        super().__init__(message)
+        if err is not None:
+            self.errno = err
+
+
+class NotFound(MinervaError):
+    errno = errno.ENOENT
+
+
+class AccessDenied(MinervaError):
+    errno = errno.EACCES
+
+
+class NotPermitted(MinervaError):
+    errno = errno.EPERM
+
+
+class Exists(MinervaError):
+    errno = errno.EEXIST
+
+
+class NotEmpty(MinervaError):
+    errno = errno.ENOTEMPTY
+
+
+class IsADirectory(MinervaError):
+    errno = errno.EISDIR
+
+
+class NotADirectory(MinervaError):
+    errno = errno.ENOTDIR
+
+
+class InvalidName(MinervaError):
+    errno = errno.EINVAL
+
+
+class NameTooLong(MinervaError):
+    errno = errno.ENAMETOOLONG
+
+
+class StoreError(MinervaError):
+    """An S3 request failed after retries (server down, throttled, malformed answer)."""
+
+    errno = errno.EIO
+
+
+class CredentialError(MinervaError):
+    """The credential endpoint refused or failed; `fatal` when retrying cannot help."""
+
+    errno = errno.EIO
+
+    def __init__(self, message: str, *, fatal: bool = False, err: int | None = None):
+        super().__init__(message, err=err)
+        self.fatal = fatal

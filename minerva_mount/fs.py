@@ -1,0 +1,174 @@
+"""The pyfuse3 adapter: translate kernel requests to Core calls, and errors to errnos.
+
+Kept thin on purpose. The one rule it enforces for every handler: only FUSEError may leave,
+since any other exception kills the session and hangs the mount. A MinervaError becomes its
+errno; anything else is a bug, logged with its traceback and answered with EIO.
+"""
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+
+from .core import Core, mode_of
+from .errors import MinervaError
+from .namespace import Node
+
+log = logging.getLogger("minerva.fs")
+
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+
+
+def _handler(method):
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except MinervaError as exc:
+            if exc.errno == errno.EIO:
+                log.error("%s failed: %s", method.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, core: Core):
+        super().__init__()
+        self.core = core
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.st_mode = mode_of(node)
+        attr.st_nlink = 2 if node.is_dir else 1
+        attr.st_size = node.size
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_blksize = 1 << 20
+        attr.st_blocks = (node.size + 511) // 512
+        ns = int(node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        return attr
+
+    @_handler
+    async def lookup(self, parent_inode, name, ctx):
+        return self._attr(await self.core.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            self.core.forget(inode, count)
+
+    @_handler
+    async def getattr(self, inode, ctx):
+        return self._attr(await self.core.getattr(inode))
+
+    @_handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
+        size = attr.st_size if fields.update_size else None
+        return self._attr(await self.core.setattr(inode, size=size, mtime=mtime))
+
+    @_handler
+    async def opendir(self, inode, ctx):
+        return await self.core.opendir(inode)
+
+    @_handler
+    async def readdir(self, fh, start_id, token):
+        for index, (name, node) in enumerate(self.core.readdir(fh, start_id), start_id + 1):
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attr(node), index):
+                break
+            self.core.remember(node)
+
+    @_handler
+    async def releasedir(self, fh):
+        self.core.releasedir(fh)
+
+    @_handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._attr(await self.core.mkdir(parent_inode, name))
+
+    @_handler
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.core.rmdir(parent_inode, name)
+
+    @_handler
+    async def unlink(self, parent_inode, name, ctx):
+        await self.core.unlink(parent_inode, name)
+
+    @_handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.core.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_handler
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=await self.core.open(inode, flags))
+
+    @_handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fh, node = await self.core.create(parent_inode, name, flags)
+        return pyfuse3.FileInfo(fh=fh), self._attr(node)
+
+    @_handler
+    async def read(self, fh, off, size):
+        return await self.core.read(fh, off, size)
+
+    @_handler
+    async def write(self, fh, off, buf):
+        return await self.core.write(fh, off, buf)
+
+    @_handler
+    async def flush(self, fh):
+        await self.core.flush(fh)
+
+    @_handler
+    async def fsync(self, fh, datasync):
+        pass  # data reaches S3 at close; an fsync before that has nothing durable to offer
+
+    @_handler
+    async def release(self, fh):
+        await self.core.release(fh)
+
+    @_handler
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        for name, value in self.core.statfs().items():
+            setattr(stats, name, value)
+        return stats
+
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode, ctx):
+        return []
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        log.warning("refused symlink %r: S3 has no links", name)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        log.warning("refused hard link %r: S3 has no links", new_name)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        log.warning("refused mknod %r: only regular files and folders exist here", name)
+        raise pyfuse3.FUSEError(errno.EPERM)

@@ -1,0 +1,196 @@
+"""The object store: the only module that calls boto3.
+
+Paths here are relative to the org prefix ("Incoming/a.csv"); the prefix is added in one
+place, `_key`, so no request can leave the org's area. Every boto3 call runs in a worker
+thread under one CapacityLimiter, signed with credentials fresh from the provider, and every
+failure comes back as a typed error carrying its errno.
+"""
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import trio
+
+from .credentials import CredentialProvider, Credentials
+from .errors import AccessDenied, MinervaError, NotFound, StoreError
+
+log = logging.getLogger("minerva.store")
+
+MTIME_META = "mtime"  # user metadata key (x-amz-meta-mtime), as s3fs and rclone use
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    path: str
+    size: int
+    mtime: float
+    etag: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Listing:
+    """One folder level: objects directly inside, and the names of sub-folders."""
+
+    files: list[ObjectInfo]
+    dirs: list[str]
+
+
+class ObjectChanged(StoreError):
+    """The object's ETag no longer matches the one a read started with."""
+
+
+def _info(path: str, size: int, last_modified, etag: str, metadata=None) -> ObjectInfo:
+    metadata = metadata or {}
+    mtime = last_modified.timestamp()
+    with contextlib.suppress(ValueError):
+        mtime = float(metadata.get(MTIME_META, mtime))
+    return ObjectInfo(path, size, mtime, etag.strip('"'), metadata)
+
+
+class S3Store:
+    def __init__(self, provider: CredentialProvider, endpoint_url: str | None = None,
+                 max_threads: int = 16):
+        self._provider = provider
+        self._endpoint_url = endpoint_url
+        self._limiter = trio.CapacityLimiter(max_threads)
+        self._config = botocore.config.Config(
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 5},
+            max_pool_connections=max_threads,
+            connect_timeout=5, read_timeout=60,
+            user_agent_extra="minerva-mount",
+        )
+        self._client_for: tuple[Credentials, Any] | None = None
+        self.requests: Counter[str] = Counter()
+
+    @property
+    def bucket(self) -> str:
+        return self._provider.current.bucket
+
+    def _key(self, path: str) -> str:
+        return self._provider.current.prefix + path
+
+    def _client(self, creds: Credentials):
+        # A client per credential set: boto3 clients are thread-safe but their keys are fixed.
+        if self._client_for is None or self._client_for[0] is not creds:
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=self._endpoint_url, region_name=creds.region,
+                aws_access_key_id=creds.key_id, aws_secret_access_key=creds.secret,
+                aws_session_token=creds.token, config=self._config)
+            self._client_for = (creds, client)
+        return self._client_for[1]
+
+    async def _call(self, kind: str, path: str, fn: Callable[[Any], Any]):
+        creds = await self._provider.get()
+        client = self._client(creds)
+        self.requests[kind] += 1
+        try:
+            return await trio.to_thread.run_sync(fn, client, limiter=self._limiter)
+        except botocore.exceptions.ClientError as exc:
+            raise _map_client_error(exc, kind, path) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreError(f"{kind} {path}: S3 unreachable or failing ({type(exc).__name__})") from None
+
+    async def list_dir(self, path: str) -> Listing:
+        """List one folder level with delimiter '/', following continuation tokens."""
+        files, dirs = [], []
+        token = None
+        base = self._key(path)
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._call("list", path, lambda c, kw=kwargs: c.list_objects_v2(**kw))
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(base):]
+                if not rel:  # the folder's own marker object
+                    continue
+                files.append(_info(path + rel, obj["Size"], obj["LastModified"], obj.get("ETag", "")))
+            dirs.extend(p["Prefix"][len(base):] for p in page.get("CommonPrefixes", []))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return Listing(files, dirs)
+
+    async def list_tree(self, path: str) -> list[ObjectInfo]:
+        """Every object under `path` (ends with '/'), folder markers included, all levels."""
+        found, token, base = [], None, self._key(path)
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": base}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._call("list", path, lambda c, kw=kwargs: c.list_objects_v2(**kw))
+            found.extend(_info(path + obj["Key"][len(base):], obj["Size"], obj["LastModified"],
+                               obj.get("ETag", "")) for obj in page.get("Contents", []))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return found
+
+    async def has_children(self, path: str) -> bool:
+        """Whether anything but the folder marker itself lies under `path` (ends with '/')."""
+        base = self._key(path)
+        page = await self._call("list", path, lambda c: c.list_objects_v2(
+            Bucket=self.bucket, Prefix=base, MaxKeys=2))
+        return any(obj["Key"] != base for obj in page.get("Contents", []))
+
+    async def head(self, path: str) -> ObjectInfo:
+        r = await self._call("head", path, lambda c: c.head_object(Bucket=self.bucket, Key=self._key(path)))
+        return _info(path, r["ContentLength"], r["LastModified"], r.get("ETag", ""), r.get("Metadata"))
+
+    async def get_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
+        """Bytes [start, end) of the object; ObjectChanged if it no longer has `etag`."""
+        kwargs = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+        return await self._call("get", path, lambda c: c.get_object(**kwargs)["Body"].read())
+
+    async def put(self, path: str, data: bytes, metadata: dict[str, str]) -> str:
+        r = await self._call("put", path, lambda c: c.put_object(
+            Bucket=self.bucket, Key=self._key(path), Body=data, Metadata=metadata))
+        return r.get("ETag", "").strip('"')
+
+    async def create_multipart(self, path: str, metadata: dict[str, str]) -> str:
+        r = await self._call("create_multipart", path, lambda c: c.create_multipart_upload(
+            Bucket=self.bucket, Key=self._key(path), Metadata=metadata))
+        return r["UploadId"]
+
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> str:
+        r = await self._call("upload_part", path, lambda c: c.upload_part(
+            Bucket=self.bucket, Key=self._key(path), UploadId=upload_id, PartNumber=number,
+            Body=data))
+        return r["ETag"]
+
+    async def complete_multipart(self, path: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+        doc = {"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in parts]}
+        r = await self._call("complete_multipart", path, lambda c: c.complete_multipart_upload(
+            Bucket=self.bucket, Key=self._key(path), UploadId=upload_id, MultipartUpload=doc))
+        return r.get("ETag", "").strip('"')
+
+    async def copy(self, src: str, dst: str) -> None:
+        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        await self._call("copy", src, lambda c: c.copy_object(
+            Bucket=self.bucket, Key=self._key(dst), CopySource=source))
+
+    async def delete(self, path: str) -> None:
+        await self._call("delete", path, lambda c: c.delete_object(Bucket=self.bucket, Key=self._key(path)))
+
+
+def _map_client_error(exc: botocore.exceptions.ClientError, kind: str, path: str) -> MinervaError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    what = f"{kind} {path}: S3 answered {status} {code}"
+    if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+        return NotFound(what)
+    if code in ("PreconditionFailed",) or status == 412:
+        return ObjectChanged(what)
+    if code == "AccessDenied":
+        return AccessDenied(what)
+    return StoreError(what)

@@ -1,0 +1,183 @@
+"""Fixtures for integration tests: a local Minerva per session, a real FUSE mount per test.
+
+The mount always runs in a subprocess: pyfuse3 keeps its session in module globals, and a
+process must never serve a mount it also uses. Everything started here is stopped by pid,
+and every mount unmounted with fusermount3, also when a test fails.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import botocore.config
+import pytest
+
+DEADLINE = 60.0
+
+
+def wait_for(predicate, what: str, timeout: float = DEADLINE, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail naming `what` at the deadline."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def s3_client(endpoint: str, key_id: str, secret: str, token: str | None = None):
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key_id,
+        aws_secret_access_key=secret, aws_session_token=token,
+        config=botocore.config.Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+
+
+@dataclass
+class LocalMinerva:
+    state_dir: Path
+    info: dict
+    proc: subprocess.Popen
+
+    @property
+    def api_url(self) -> str:
+        return self.info["api_url"]
+
+    @property
+    def prefix(self) -> str:
+        return self.info["prefix"]
+
+    @property
+    def bucket(self) -> str:
+        return self.info["bucket"]
+
+    def admin(self):
+        admin = self.info["admin"]
+        return s3_client(self.info["s3_endpoint"], admin["aws_access_key_id"],
+                         admin["aws_secret_access_key"])
+
+    def key_file(self, key: str, name: str = "key") -> Path:
+        path = self.state_dir / f"test-{name}"
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        return path
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key under the org prefix + `prefix`, as a pipeline with admin access sees it."""
+        found = []
+        for page in self.admin().get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix):
+            found += [o["Key"][len(self.prefix):] for o in page.get("Contents", [])]
+        return found
+
+    def get(self, path: str) -> bytes:
+        return self.admin().get_object(Bucket=self.bucket, Key=self.prefix + path)["Body"].read()
+
+    def put(self, path: str, data: bytes) -> None:
+        self.admin().put_object(Bucket=self.bucket, Key=self.prefix + path, Body=data)
+
+    def wipe(self) -> None:
+        admin = self.admin()
+        for prefix in (o["prefix"] for o in self.info["orgs"]):
+            for page in admin.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    admin.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
+
+@pytest.fixture(scope="session")
+def local_minerva(tmp_path_factory) -> LocalMinerva:
+    state = tmp_path_factory.mktemp("local-minerva")
+    log = open(state / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minerva_mount.local.server", "--state-dir", str(state)],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        local_json = state / "local.json"
+
+        def ready():
+            assert proc.poll() is None, f"local Minerva exited; see {state / 'server.log'}"
+            return local_json.exists() and json.loads(local_json.read_text())
+        info = wait_for(ready, "the local Minerva to write local.json", timeout=120)
+        yield LocalMinerva(state, info, proc)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+@dataclass
+class Mount:
+    path: Path
+    proc: subprocess.Popen
+    log_file: Path
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def unmount(self) -> int:
+        """Unmount as a user would and return the daemon's exit code."""
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", str(self.path)], check=False, capture_output=True)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False, capture_output=True)
+            raise
+
+
+def start_mount(local: LocalMinerva, path: Path, log_file: Path, key: str | None = None,
+                extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    path.mkdir(exist_ok=True)
+    key_file = local.key_file(key or local.info["api_key"], name=path.name)
+    return subprocess.Popen(
+        [sys.executable, "-m", "minerva_mount", str(path), "--foreground",
+         "--api-url", local.api_url, "--api-key-file", str(key_file),
+         "--s3-endpoint-url", local.info["s3_endpoint"], "--log-file", str(log_file), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.fixture
+def mount_factory(local_minerva, tmp_path):
+    mounts: list[Mount] = []
+
+    def make(key: str | None = None, name: str = "mnt", extra: tuple[str, ...] = ()) -> Mount:
+        path, log_file = tmp_path / name, tmp_path / f"{name}.log"
+        proc = start_mount(local_minerva, path, log_file, key, extra)
+        mount = Mount(path, proc, log_file)
+        mounts.append(mount)
+
+        def live():
+            if proc.poll() is not None:
+                raise AssertionError(f"mount exited {proc.returncode}: {proc.stderr.read().decode()}")
+            return os.path.ismount(path)
+        wait_for(live, f"the mount at {path}")
+        return mount
+
+    yield make
+    for mount in mounts:
+        if mount.proc.poll() is None or os.path.ismount(mount.path):
+            mount.unmount()
+
+
+@pytest.fixture
+def mount(local_minerva, mount_factory) -> Mount:
+    local_minerva.wipe()
+    return mount_factory()
