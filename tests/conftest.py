@@ -104,10 +104,10 @@ class LocalMinerva:
 @pytest.fixture(scope="session")
 def local_minerva(tmp_path_factory) -> LocalMinerva:
     state = tmp_path_factory.mktemp("local-minerva")
-    log = open(state / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minerva_mount.local.server", "--state-dir", str(state)],
-        stdout=log, stderr=subprocess.STDOUT)
+    with open(state / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "minerva_mount.local.server", "--state-dir", str(state)],
+            stdout=log, stderr=subprocess.STDOUT)
     try:
         local_json = state / "local.json"
 
@@ -118,7 +118,6 @@ def local_minerva(tmp_path_factory) -> LocalMinerva:
         yield LocalMinerva(state, info, proc)
     finally:
         stop_process(proc)
-        log.close()
 
 
 @dataclass
