@@ -6,6 +6,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr libglib2.0-bin)
+# systemd-analyze checks the user unit in the tests; containers often lack it.
+command -v systemd-analyze >/dev/null || packages+=(systemd)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
