@@ -95,15 +95,18 @@ def human_seconds(s: float | None) -> str:
 
 
 def uploads_table(uploads: list[dict]) -> Table:
-    table = Table(title=f"Uploads in flight: {len(uploads)}", title_justify="left", expand=False)
-    for name in ("file", "progress", "uploaded", "of", "rate", "ETA"):
-        table.add_column(name, justify="left" if name in ("file", "progress") else "right")
+    """One row per file: bar of uploaded over written (the total is known only at close)."""
+    table = Table(title=f"Uploads in flight: {len(uploads)}", title_justify="left",
+                  caption="written: bytes the program wrote so far; the total is known once it closes",
+                  caption_justify="left")
+    table.add_column("file", overflow="fold", ratio=1)
+    table.add_column("progress", width=22, no_wrap=True)
+    for name in ("uploaded", "written", "rate", "ETA"):
+        table.add_column(name, justify="right", no_wrap=True)
     for u in uploads:
         total = u["total"] if u["total"] is not None else u["written"]
-        of = (human_bytes(u["total"]) if u["total"] is not None
-              else f"{human_bytes(u['written'])} written so far")
-        table.add_row(u["path"], ProgressBar(total=max(total, 1), completed=u["uploaded"], width=30),
-                      human_bytes(u["uploaded"]), of, f"{human_bytes(u['rate'])}/s",
+        table.add_row(u["path"], ProgressBar(total=max(total, 1), completed=u["uploaded"], width=20),
+                      human_bytes(u["uploaded"]), human_bytes(u["written"]), f"{human_bytes(u['rate'])}/s",
                       human_seconds(u["eta"]) if u["total"] is not None else "writing")
     return table
 
@@ -119,7 +122,7 @@ def _cache_line(cache: dict) -> str:
 def render(report: dict):
     head = Text()
     head.append(f"minerva-mount at {report['mountpoint']}", style="bold")
-    head.append(f"  (pid {report['pid']}, up {human_seconds(report['up_seconds'])}, {report['area']})")
+    head.append(f"\n{report['area']}, pid {report['pid']}, up {human_seconds(report['up_seconds'])}")
     creds = report["credentials"]
     expires = creds["expires"]
     if expires:
@@ -141,10 +144,12 @@ def render(report: dict):
     failures = report["recent_failures"]
     if failures:
         table = Table(title=f"Recent failures (last {len(failures)})", title_justify="left")
-        for name in ("time", "level", "message"):
-            table.add_column(name)
+        table.add_column("time", no_wrap=True)
+        table.add_column("level", no_wrap=True)
+        table.add_column("message", overflow="fold", ratio=1)
         for f in failures:
-            table.add_row(f["time"], f["level"], f["message"])
+            when = dt.datetime.fromisoformat(f["time"]).astimezone().strftime("%H:%M:%S")
+            table.add_row(when, f["level"], f["message"])
         parts.append(table)
     else:
         parts.append(Text("Recent failures: none"))
