@@ -378,3 +378,16 @@ def test_sigterm_sends_stopping(local_minerva, runtime_dir, mount_factory, monke
     finally:
         listener.close()
         shutil.rmtree(listener.path.parent, ignore_errors=True)
+
+
+def test_dead_mount_is_named_by_status_and_cleared_by_unmount(local_minerva, runtime_dir, mount_factory):
+    mount = mount_factory()
+    mount.proc.kill()  # a crash: the kernel keeps a mount nobody serves
+    mount.proc.wait(30)
+    result = cli("status", str(mount.path))
+    assert result.returncode == 1 and f"{mount.path} is a dead mount" in result.stderr
+    result = cli("unmount", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(mount.path) and os.listdir(mount.path) == []
+    result = cli("status", str(mount.path))
+    assert result.returncode == 1 and f"nothing is mounted at {mount.path}" in result.stderr
