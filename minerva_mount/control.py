@@ -81,7 +81,7 @@ async def _answer(stream: trio.SocketStream, handlers: dict[str, Callable[[dict]
                     reply = {"ok": False, "error": f"bad request; ops: {', '.join(handlers)}"}
                 else:
                     reply = {"ok": True, **handler(request)}
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
+                await stream.send_all(json.dumps(reply, default=str).encode() + b"\n")
         except trio.BrokenResourceError:
             pass
         except Exception:  # a bug here must not take the mount down

@@ -68,7 +68,7 @@ def snapshot(*, mountpoint: str, started: float, core, provider, failures: Recen
             "refreshes": provider.refreshes,
             "last_error": str(provider.last_error) if provider.last_error else None,
         },
-        "requests": dict(core.store.requests),
+        "requests": dict(getattr(core.store, "requests", {})),
     }
     cache_stats = getattr(core, "cache_stats", None)
     if callable(cache_stats):

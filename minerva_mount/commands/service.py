@@ -19,7 +19,7 @@ from .. import paths
 from ..config import CREDENTIAL_NAME
 
 UNIT_NAME = "minerva-mount.service"
-STOP_TIMEOUT_MIN = 30  # systemd's patience at stop; the daemon's own drain ends a minute earlier
+STOP_TIMEOUT_MIN = 30  # systemd's patience at stop; the daemon's own drain (stop_timeout) is shorter
 
 
 def _systemd_path(path: str, home: str) -> str:
@@ -49,7 +49,6 @@ RestartSec=10s
 RestartPreventExitStatus=78
 TimeoutStartSec=120s
 TimeoutStopSec={STOP_TIMEOUT_MIN}min
-Environment=MINERVA_STOP_TIMEOUT={(STOP_TIMEOUT_MIN - 1) * 60}
 LoadCredential={CREDENTIAL_NAME}:%E/minerva-mount/api-key
 
 [Install]
