@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -169,6 +170,9 @@ def test_status_shows_upload_in_flight_failures_credentials_and_requests(
         assert upload["path"] == "Incoming/big.bin" and upload["written"] == 20 * MiB
         assert upload["total"] is None and upload["closing"] is False and upload["rate"] > 0
         assert report["requests"]["upload_part"] == 2
+        [sock] = (runtime_dir / "minerva-mount").glob("control-*.sock")
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
 
         with pytest.raises(PermissionError), open(mount.path / "Outgoing" / "nope.txt", "wb"):
             pass

@@ -164,7 +164,10 @@ def status_main(argv: list[str]) -> int:
                                             "recent failures, credentials, requests.")
     p.add_argument("mountpoint", nargs="?", help="the mount to ask (default: the one running)")
     p.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
+    p.add_argument("-w", "--watch", action="store_true", help="keep showing it, refreshed each second")
     args = p.parse_args(argv)
+    if args.watch and not args.json:
+        return _watch(args.mountpoint)
     if args.mountpoint:
         mountpoint = _mountpoint(args.mountpoint)
         try:
@@ -186,6 +189,25 @@ def status_main(argv: list[str]) -> int:
     else:
         Console().print(render(report))
     return 0
+
+
+def _watch(mountpoint: str | None) -> int:
+    """Redraw the status every second until Ctrl-C or the mount goes away."""
+    if mountpoint is None:
+        reports = running_mounts()
+        if len(reports) != 1:
+            return status_main([])  # says why (none or several)
+        mountpoint = reports[0]["mountpoint"]
+    mountpoint = _mountpoint(mountpoint)
+    try:
+        with Live(Text("asking the daemon..."), auto_refresh=False) as live:
+            while True:
+                live.update(render(fetch_status(mountpoint)), refresh=True)
+                time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    except control.ControlError as exc:
+        return _fail(_not_running(mountpoint) if str(exc) == "not running" else str(exc))
 
 
 # ----- unmount -----------------------------------------------------------------------------
