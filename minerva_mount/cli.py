@@ -13,11 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import trio
-
 from . import config as configuration
-from .credentials import CredentialError
-from .daemon import MountError, Settings, serve
 from .paths import default_log_file
 
 log = logging.getLogger("minerva.cli")
@@ -124,6 +120,11 @@ def mount_main(argv: list[str]) -> int:
     args.log_file = config.log_file
     if not args.foreground:
         return _start_background(args, argv, key)
+    import trio  # the daemon's imports (boto3, pyfuse3) load only when mounting: status stays quick
+
+    from .credentials import CredentialError
+    from .daemon import MountError, Settings, serve
+
     setup_logging(args.log_file, config.debug)
     settings = Settings(mountpoint=args.mountpoint, api_url=config.api_url,
                         s3_endpoint_url=config.s3_endpoint_url, allow_other=config.allow_other,
@@ -154,6 +155,9 @@ def mount_main(argv: list[str]) -> int:
 
 def _expected_failure(exc: BaseException) -> BaseException | None:
     """The configuration or credential error inside `exc` (trio wraps errors in groups)."""
+    from .credentials import CredentialError
+    from .daemon import MountError
+
     if isinstance(exc, CredentialError | MountError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
