@@ -37,8 +37,9 @@ def _mountpoint(text: str) -> str:
 
 
 def _dead_mount(mountpoint: str) -> bool:
+    """statfs, not stat: the kernel answers stat from its attribute cache for a while."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
