@@ -31,7 +31,7 @@ def notify(*fields: str) -> bool:
 
 
 def ready(status: str) -> bool:
-    return notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+    return notify("READY=1", f"STATUS={status}")
 
 
 def status(text: str) -> bool:
