@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground, "
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each request")
+    p.add_argument("--credential-wait", type=float, default=60.0, metavar="SECONDS",
+                   help="how long an operation waits for valid credentials while the Minerva API "
+                   "fails, before it fails with EIO (default %(default).0f)")
+    p.add_argument("--s3-retry-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long an S3 request is retried while S3 is unreachable or failing, "
+                   "before it fails with EIO (default %(default).0f)")
+    p.add_argument("--stop-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long open uploads may take to finish (default "
+                   "%(default).0f)")
     p.add_argument("--api-key-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return p
@@ -107,7 +116,9 @@ def mount_main(argv: list[str]) -> int:
         return _start_background(args, argv, key)
     setup_logging(args.log_file, args.verbose)
     settings = Settings(mountpoint=args.mountpoint, api_url=args.api_url,
-                        s3_endpoint_url=args.s3_endpoint_url, allow_other=args.allow_other)
+                        s3_endpoint_url=args.s3_endpoint_url, allow_other=args.allow_other,
+                        credential_wait=args.credential_wait, s3_retry_timeout=args.s3_retry_timeout,
+                        stop_timeout=args.stop_timeout)
 
     def ready() -> None:
         if args.ready_fd is not None:

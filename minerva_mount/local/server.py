@@ -128,6 +128,7 @@ def _run(state_dir: Path, credential_lifetime: int, api_port: int) -> int:
             credential_lifetime=credential_lifetime,
             mint=weed.assume_org_role,
             fault=FaultState(),
+            s3_control=lambda state: weed.down() if state == "down" else weed.up(),
         )
         try:
             api = EndpointServer(endpoint, api_port)  # bind first: a taken port fails fast
