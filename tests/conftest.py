@@ -166,7 +166,8 @@ class Mount:
 
 def start_mount(local: LocalMinerva, path: Path, log_file: Path, key: str | None = None,
                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    path.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # also a dead mount left by a killed daemon
+        path.mkdir()
     key_file = local.key_file(key or local.info["api_key"], name=path.name)
     return subprocess.Popen(
         [sys.executable, "-m", "minerva_mount", str(path), "--foreground",
@@ -216,6 +217,10 @@ def mount_factory(local_minerva, tmp_path):
     for mount in mounts:
         if mount.proc.poll() is None or os.path.ismount(mount.path):
             mount.unmount()
+        try:
+            os.stat(mount.path)
+        except OSError:  # a dead mount ('Transport endpoint is not connected') after a kill
+            subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False, capture_output=True)
 
 
 @pytest.fixture
