@@ -208,8 +208,17 @@ class S3Store:
 
     async def complete_multipart(self, path: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
         doc = {"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in parts]}
-        r = await self._call("complete_multipart", path, lambda c: c.complete_multipart_upload(
-            Bucket=self.bucket, Key=self._key(path), UploadId=upload_id, MultipartUpload=doc))
+        try:
+            r = await self._call("complete_multipart", path, lambda c: c.complete_multipart_upload(
+                Bucket=self.bucket, Key=self._key(path), UploadId=upload_id, MultipartUpload=doc))
+        except NotFound:
+            # NoSuchUpload after a retry: the first attempt completed it and only its answer
+            # was lost. The object then carries a multipart ETag with our part count.
+            info = await self.head(path)
+            if info.etag.endswith(f"-{len(parts)}"):
+                log.info("%s: completed by an earlier attempt whose answer was lost", path)
+                return info.etag
+            raise
         return r.get("ETag", "").strip('"')
 
     async def copy(self, src: str, dst: str) -> None:
