@@ -97,6 +97,7 @@ def setup_logging(log_file: Path | None, verbose: bool) -> None:
     handler: logging.Handler
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_file.touch(mode=0o600)  # paths of your files are nobody else's business
         handler = logging.FileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,15 +26,18 @@ def _daemon_pid(stdout: str) -> int:
     return int(stdout.split("pid ")[1].split(",")[0])
 
 
-def _start_background(local, mountpoint: Path, log_file: Path, *extra: str) -> int:
+def _start_background(local, mountpoint: Path, log_file: Path | None, *extra: str,
+                      env: dict | None = None) -> int:
+    """Start as a user does (no --foreground), the key in MINERVA_API_KEY; the daemon's pid."""
     mountpoint.mkdir()
-    env = dict(os.environ, MINERVA_API_KEY=local.info["api_key"])
+    env = dict(env or os.environ, MINERVA_API_KEY=local.info["api_key"])
+    log_args = ["--log-file", str(log_file)] if log_file else []
     result = subprocess.run(
         [sys.executable, "-m", "minerva_mount", str(mountpoint), "--api-url", local.api_url,
-         "--s3-endpoint-url", local.info["s3_endpoint"], "--log-file", str(log_file), *extra],
+         "--s3-endpoint-url", local.info["s3_endpoint"], *log_args, *extra],
         env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    MOUNT_LOGS.append(log_file)
+    MOUNT_LOGS.append(log_file or Path(result.stdout.split("log ")[1].rstrip().rstrip(")")))
     return _daemon_pid(result.stdout)
 
 
@@ -51,8 +55,10 @@ def _zombie(pid: int) -> bool:
 
 def test_key_never_in_argv_environment_or_log_of_the_daemon(local_minerva, open_dir):
     key = local_minerva.info["api_key"].encode()
-    mountpoint, log_file = open_dir / "m", open_dir / "m.log"
-    pid = _start_background(local_minerva, mountpoint, log_file)
+    mountpoint = open_dir / "m"
+    state = open_dir / "state"  # the default log place: $XDG_STATE_HOME/minerva-mount/
+    log_file = state / "minerva-mount" / "minerva-mount.log"
+    pid = _start_background(local_minerva, mountpoint, None, env=dict(os.environ, XDG_STATE_HOME=str(state)))
     try:
         (mountpoint / "Incoming" / "s.txt").write_bytes(b"secret-free")
         assert os.listdir(mountpoint / "Incoming")
@@ -63,7 +69,9 @@ def test_key_never_in_argv_environment_or_log_of_the_daemon(local_minerva, open_
         assert key not in environ and b"MINERVA_API_KEY" not in environ
     finally:
         _stop(mountpoint, pid)
-    assert key not in log_file.read_bytes()
+    assert key not in log_file.read_bytes() and b"mounted" in log_file.read_bytes()
+    assert stat.S_IMODE(os.stat(log_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(log_file.parent).st_mode) == 0o700
 
 
 def test_other_users_cannot_see_the_mount_unless_allow_other(local_minerva, open_dir):
