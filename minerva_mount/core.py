@@ -77,6 +77,7 @@ class Core:
         self.handles: dict[int, Handle] = {}
         self.pending: dict[str, Upload] = {}
         self.aliases: dict[str, str] = {}  # shown path -> object path, for shadowed files
+        self._generations: dict[str, int] = {}  # folder -> count of changes, see _entries
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
@@ -87,6 +88,7 @@ class Core:
     async def _entries(self, dir_path: str) -> dict[str, ObjectInfo | None]:
         entries = self.listings.get(dir_path)
         if entries is None:
+            generation = self._generations.get(dir_path, 0)
             listing = await self.store.list_dir(dir_path + "/" if dir_path else "")
             entries = {}
             for sub in listing.dirs:
@@ -106,7 +108,10 @@ class Core:
             if dir_path == "":
                 entries.setdefault(INCOMING, DIR)
                 entries.setdefault(OUTGOING, DIR)
-            self.listings[dir_path] = entries
+            if self._generations.get(dir_path, 0) == generation:
+                # Not if the folder changed while the LIST was under way: that answer may
+                # predate the change (a file published meanwhile would vanish for a while).
+                self.listings[dir_path] = entries
         result = dict(entries)
         for path, upload in self.pending.items():
             parent, _, name = path.rpartition("/")
@@ -137,6 +142,7 @@ class Core:
 
     def _forget_listing(self, dir_path: str) -> None:
         self.listings.pop(dir_path, None)
+        self._generations[dir_path] = self._generations.get(dir_path, 0) + 1
 
     def _node_for(self, path: str, entry: ObjectInfo | None) -> Node:
         if entry is DIR:
