@@ -26,8 +26,8 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   [ -x .venv/bin/python ] || "$python" -m venv .venv
   echo "setup: installing the project into .venv (pyfuse3 builds from source)" >&2
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e ".[test]"
+  { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e ".[test]"; } >.venv/install.log 2>&1 \
+    || { tail -n 30 .venv/install.log >&2; echo "setup: pip install failed; see .venv/install.log" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
