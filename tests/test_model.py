@@ -108,5 +108,5 @@ def test_random_operations_match_a_local_folder(mount, tmp_path):
             shutil.rmtree(self.ref, ignore_errors=True)
 
     run_state_machine_as_test(MountMatchesLocalFolder, settings=settings(
-        max_examples=15, stateful_step_count=15, deadline=None, derandomize=True,
+        max_examples=30, stateful_step_count=20, deadline=None, derandomize=True,
         suppress_health_check=list(HealthCheck)))
