@@ -62,7 +62,14 @@ def _parser() -> argparse.ArgumentParser:
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
     p.add_argument("-v", "--verbose", "--debug", dest="debug", action="store_const", const=True,
                    help="also log each request")
-    p.add_argument("--stop-timeout", type=float, help="seconds uploads may take to finish at stop")
+    p.add_argument("--stop-timeout", type=float, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long open uploads may take to finish")
+    p.add_argument("--credential-wait", type=float, metavar="SECONDS",
+                   help="how long an operation waits for valid credentials while the Minerva API "
+                   "fails, before it fails with EIO (default 60)")
+    p.add_argument("--s3-retry-timeout", type=float, metavar="SECONDS",
+                   help="how long an S3 request is retried while S3 is unreachable or failing, "
+                   "before it fails with EIO (default 60)")
     p.add_argument("-o", dest="options", action="append", metavar="KEY=VALUE,...",
                    help="settings as mount options, e.g. -o allow_other,api_key_file=~/.minerva-key")
     p.add_argument("--config", type=Path, help="config file (env MINERVA_CONFIG; default "
@@ -78,7 +85,7 @@ def load_config(args) -> configuration.Config:
         raise configuration.ConfigError("expected at most [SOURCE] MOUNTPOINT")
     flags = configuration.parse_mount_options(args.options)
     for name in ("api_url", "api_key_file", "s3_endpoint_url", "allow_other", "log_file", "debug",
-                 "stop_timeout"):
+                 "stop_timeout", "credential_wait", "s3_retry_timeout"):
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     if args.places:
@@ -91,6 +98,7 @@ def setup_logging(log_file: Path | None, verbose: bool) -> None:
     handler: logging.Handler
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_file.touch(mode=0o600)  # paths of your files are nobody else's business
         handler = logging.FileHandler(log_file)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     else:
@@ -128,7 +136,8 @@ def mount_main(argv: list[str]) -> int:
     setup_logging(args.log_file, config.debug)
     settings = Settings(mountpoint=args.mountpoint, api_url=config.api_url,
                         s3_endpoint_url=config.s3_endpoint_url, allow_other=config.allow_other,
-                        stop_timeout=config.stop_timeout)
+                        stop_timeout=config.stop_timeout, credential_wait=config.credential_wait,
+                        s3_retry_timeout=config.s3_retry_timeout)
 
     def ready() -> None:
         if args.ready_fd is not None:

@@ -48,6 +48,10 @@ SETTINGS = (
     Setting("debug", bool, ("MINERVA_DEBUG",), False, "request-level logs"),
     Setting("stop_timeout", float, ("MINERVA_STOP_TIMEOUT",), 900.0,
             "seconds to let uploads finish at stop"),
+    Setting("credential_wait", float, ("MINERVA_CREDENTIAL_WAIT",), 60.0,
+            "seconds an operation waits for valid credentials while the Minerva API fails"),
+    Setting("s3_retry_timeout", float, ("MINERVA_S3_RETRY_TIMEOUT",), 60.0,
+            "seconds an S3 request is retried while S3 is unreachable or failing"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

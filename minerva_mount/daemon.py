@@ -34,6 +34,7 @@ class Settings:
     allow_other: bool = False
     stop_timeout: float = 120.0
     credential_wait: float = 60.0
+    s3_retry_timeout: float = 60.0
     debug_fuse: bool = False
 
 
@@ -65,7 +66,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
     provider = CredentialProvider(settings.api_url, api_key, wait_timeout=settings.credential_wait)
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
-        store = S3Store(provider, settings.s3_endpoint_url)
+        store = S3Store(provider, settings.s3_endpoint_url, retry_timeout=settings.s3_retry_timeout)
         core = Core(store, nursery)
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}

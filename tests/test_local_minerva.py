@@ -436,6 +436,39 @@ def test_fault_rejects_unknown_mode(local: Local) -> None:
     assert call(local.api_url, "/_local/fault", method="GET")[1] == {"mode": "ok"}
 
 
+def test_s3_down_refuses_connections_and_up_brings_back_the_same_endpoint_and_data(
+    local: Local,
+) -> None:
+    s3 = admin_s3(local)
+    key = f"acme/outage-{uuid.uuid4().hex}"
+    s3.put_object(Bucket=local.info["bucket"], Key=key, Body=b"kept")
+    old_weed = weed_pid(local)
+    assert call(local.api_url, "/_local/s3", data={"state": "down"}, timeout=60)[:2] == (
+        200,
+        {"state": "down"},
+    )
+    try:
+        unreachable = boto3.session.Session().client(
+            "s3",
+            endpoint_url=local.info["s3_endpoint"],
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+            **local.info["admin"],
+        )
+        with pytest.raises(botocore.exceptions.EndpointConnectionError):
+            unreachable.get_object(Bucket=local.info["bucket"], Key=key)
+        assert local.proc.poll() is None  # the server stays up while S3 is down
+    finally:
+        status = call(local.api_url, "/_local/s3", data={"state": "up"}, timeout=120)[0]
+    assert status == 200
+    assert weed_pid(local) != old_weed
+    body = s3.get_object(Bucket=local.info["bucket"], Key=key)["Body"].read()
+    assert body == b"kept"
+    creds = fetch(local)  # STS works again too
+    assert s3_for(local, creds).get_object(Bucket=local.info["bucket"], Key=key)["Body"].read() == b"kept"
+    assert call(local.api_url, "/_local/s3", data={"state": "sideways"})[0] == 400
+
+
 # -- hygiene ----------------------------------------------------------------------------------
 
 
