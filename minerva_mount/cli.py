@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from .blockcache import DEFAULT_CACHE_SIZE, parse_size
 from .credentials import CredentialError
 from .daemon import MountError, Settings, serve
 
@@ -47,10 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground, "
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
+    p.add_argument("--cache-dir", help="block cache folder (default $XDG_CACHE_HOME/minerva-mount)")
+    p.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE,
+                   help="block cache cap, e.g. 512M or 10G (default 10G)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each request")
     p.add_argument("--api-key-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return p
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def read_key_file(path: Path) -> str:
@@ -107,7 +118,8 @@ def mount_main(argv: list[str]) -> int:
         return _start_background(args, argv, key)
     setup_logging(args.log_file, args.verbose)
     settings = Settings(mountpoint=args.mountpoint, api_url=args.api_url,
-                        s3_endpoint_url=args.s3_endpoint_url, allow_other=args.allow_other)
+                        s3_endpoint_url=args.s3_endpoint_url, allow_other=args.allow_other,
+                        cache_dir=args.cache_dir, cache_size=args.cache_size)
 
     def ready() -> None:
         if args.ready_fd is not None:

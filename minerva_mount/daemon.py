@@ -12,10 +12,12 @@ import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
 
+from .blockcache import DEFAULT_CACHE_SIZE, BlockCache, default_cache_dir
 from .core import Core
 from .credentials import CredentialProvider
 from .fs import Operations
@@ -33,6 +35,8 @@ class Settings:
     stop_timeout: float = 120.0
     credential_wait: float = 60.0
     debug_fuse: bool = False
+    cache_dir: str | None = None  # default: XDG cache dir / minerva-mount
+    cache_size: int = DEFAULT_CACHE_SIZE
 
 
 class MountError(Exception):
@@ -60,7 +64,13 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
         store = S3Store(provider, settings.s3_endpoint_url)
-        core = Core(store, nursery)
+        cache = BlockCache(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
+                           settings.cache_size)
+        try:
+            await cache.open()
+        except OSError as exc:
+            raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
+        core = Core(store, nursery, cache=cache)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
             options.add("allow_other")
