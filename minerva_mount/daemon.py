@@ -25,6 +25,8 @@ from .store import S3Store
 
 log = logging.getLogger("minerva.daemon")
 
+READ_AHEAD_KB = 1024
+
 
 @dataclass
 class Settings:
@@ -77,6 +79,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
         if settings.debug_fuse:
             options.add("debug")
         pyfuse3.init(Operations(core), settings.mountpoint, options)
+        raise_kernel_readahead(settings.mountpoint)
         try:
             nursery.start_soon(_stop_on_signal, core, settings.stop_timeout)
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
@@ -87,6 +90,22 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", settings.mountpoint)
         nursery.cancel_scope.cancel()
+
+
+def raise_kernel_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """Let the kernel send 1 MiB reads instead of 128 KiB: 8x fewer requests to serve.
+
+    Found through /proc/self/mountinfo, since a stat() of our own mount would wait for us.
+    Only root may write the knob; anyone else keeps the kernel's default.
+    """
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(kb))
+    except OSError as exc:
+        log.debug("kernel readahead left as is: %s", exc)
 
 
 async def _stop_on_signal(core: Core, stop_timeout: float) -> None:

@@ -43,6 +43,11 @@ class Blocks:
         self._gets = trio.CapacityLimiter(MAX_GETS)
         self._writes = trio.Semaphore(MAX_PENDING_WRITES)
 
+    @property
+    def pending_writes(self) -> int:
+        """Fetched runs not yet written to the disk cache."""
+        return MAX_PENDING_WRITES - self._writes.value
+
     def count(self, info: ObjectInfo) -> int:
         return -(-info.size // self.block_size)
 
@@ -85,7 +90,7 @@ class Blocks:
                 data = memoryview(raw)
                 self._remember(name, data)
                 return data
-        return (await self._fetch(info, index, index + 1, limited=False))[0]
+        return (await self._fetch(info, index, index + 1))[0]
 
     def missing(self, info: ObjectInfo, index: int) -> str | None:
         """'get' if the block needs fetching, 'disk' if it is only on disk, None if at hand."""
@@ -102,7 +107,8 @@ class Blocks:
 
         def flush():
             if run:
-                log.debug("readahead GET %s blocks %d-%d", info.path, run[0], run[-1]); self.nursery.start_soon(self._background, self._fetch, info, run[0], run[-1] + 1)
+                claimed = self._claim([self._name(info, i) for i in run])  # now: readers wait for it
+                self.nursery.start_soon(self._background, self._fetch, info, run[0], run[-1] + 1, claimed)
                 run.clear()
         for index in range(first, last):
             where = self.missing(info, index)
@@ -113,7 +119,8 @@ class Blocks:
                 continue
             flush()
             if where == "disk":
-                self.nursery.start_soon(self._background, self._load, info, index)
+                claimed = self._claim([self._name(info, index)])
+                self.nursery.start_soon(self._background, self._load, info, index, claimed)
         flush()
 
     def _claim(self, names: list[str]) -> list[tuple[str, trio.Event]]:
@@ -140,9 +147,8 @@ class Blocks:
         except Exception:
             log.exception("readahead failed")
 
-    async def _load(self, info: ObjectInfo, index: int) -> None:
+    async def _load(self, info: ObjectInfo, index: int, claimed) -> None:
         name = self._name(info, index)
-        claimed = self._claim([name])
         try:
             raw = await self.cache.get(name)
             if raw is not None:
@@ -150,10 +156,16 @@ class Blocks:
         finally:
             self._release(claimed)
 
-    async def _fetch(self, info: ObjectInfo, first: int, last: int, limited: bool = True) -> list[memoryview]:
-        """GET blocks [first, last) in one request; keep them in memory, then write them to disk."""
+    async def _fetch(self, info: ObjectInfo, first: int, last: int, claimed=None) -> list[memoryview]:
+        """GET blocks [first, last) in one request; keep them in memory, then write them to disk.
+
+        Readahead (`claimed` given) waits for a slot among MAX_GETS; a read waiting on its
+        block goes first.
+        """
         names = [self._name(info, i) for i in range(first, last)]
-        claimed = self._claim(names)
+        limited = claimed is not None
+        if claimed is None:
+            claimed = self._claim(names)
         try:
             start, end = first * self.block_size, min(last * self.block_size, info.size)
             if limited:
@@ -197,7 +209,6 @@ class Reader:
         self._ahead = 0  # blocks before this one were already asked for
 
     async def read(self, offset: int, size: int) -> bytes:
-        log.debug("read %d %d", offset, size)
         end = min(offset + size, self._info.size)
         if offset >= end:
             return b""
@@ -211,7 +222,8 @@ class Reader:
             start = max(self._ahead, last)
             # Extend in whole GETs, not a block per read: small GETs waste the link.
             step = min(GET_SIZE, self._window) // bs
-            if ahead_end > start and (ahead_end - start >= step or ahead_end == self._blocks.count(self._info)):
+            at_end = ahead_end == self._blocks.count(self._info)
+            if ahead_end > start and (ahead_end - start >= step or at_end):
                 self._blocks.prefetch(self._info, start, ahead_end)
                 self._ahead = ahead_end
         else:
