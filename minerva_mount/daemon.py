@@ -79,9 +79,9 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
         if settings.debug_fuse:
             options.add("debug")
         pyfuse3.init(Operations(core), settings.mountpoint, options)
-        raise_kernel_readahead(settings.mountpoint)
         try:
             nursery.start_soon(_stop_on_signal, core, settings.stop_timeout)
+            nursery.start_soon(raise_kernel_readahead, settings.mountpoint)
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
                      settings.mountpoint)
             on_ready()
@@ -92,13 +92,15 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
         nursery.cancel_scope.cancel()
 
 
-def raise_kernel_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+async def raise_kernel_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
     """Let the kernel send 1 MiB reads instead of 128 KiB: 8x fewer requests to serve.
 
-    Found through /proc/self/mountinfo, since a stat() of our own mount would wait for us.
-    Only root may write the knob; anyone else keeps the kernel's default.
+    The kernel sets the knob when it receives FUSE INIT; a stat() from a worker thread
+    returns once that is done (this loop answers it). Only root may write the knob; anyone
+    else keeps the kernel's default.
     """
     try:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
         with open("/proc/self/mountinfo") as f:
             devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
         if devs:
