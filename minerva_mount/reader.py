@@ -208,7 +208,9 @@ class Reader:
         self._last_end: int | None = None
         self._ahead = 0  # blocks before this one were already asked for
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        """Bytes [offset, offset+size) clipped at EOF; a view into a block when it lies in one
+        (pyfuse3 takes any buffer, and a 1 MiB copy per read is worth saving)."""
         end = min(offset + size, self._info.size)
         if offset >= end:
             return b""
@@ -232,5 +234,5 @@ class Reader:
         pieces = [await self._blocks.get(self._info, index) for index in range(first, last)]
         base = first * bs
         if len(pieces) == 1:
-            return bytes(pieces[0][offset - base:end - base])
+            return pieces[0][offset - base:end - base]
         return b"".join(pieces)[offset - base:end - base]
