@@ -39,6 +39,7 @@ class Blocks:
         self.memory_bytes = memory_bytes
         self._memory: OrderedDict[str, memoryview] = OrderedDict()
         self._memory_used = 0
+        self._buffers: dict[int, list[int]] = {}  # id(buffer) -> [bytes, blocks in memory]
         self._inflight: dict[str, trio.Event] = {}
         self._gets = trio.CapacityLimiter(MAX_GETS)
         self._writes = trio.Semaphore(MAX_PENDING_WRITES)
@@ -61,14 +62,25 @@ class Blocks:
         return f"{stem}-{index}"
 
     def _remember(self, name: str, data: memoryview) -> None:
-        old = self._memory.pop(name, None)
-        if old is not None:
-            self._memory_used -= len(old)
+        """Keep a block in memory. A block is a view into the buffer of the GET that fetched
+        it, which lives while any of its blocks does: memory is counted by buffers."""
+        self._forget(name)
         self._memory[name] = data
-        self._memory_used += len(data)
+        counted = self._buffers.setdefault(id(data.obj), [len(data.obj), 0])
+        if counted[1] == 0:
+            self._memory_used += counted[0]
+        counted[1] += 1
         while self._memory_used > self.memory_bytes and len(self._memory) > 1:
-            _, dropped = self._memory.popitem(last=False)
-            self._memory_used -= len(dropped)
+            self._forget(next(iter(self._memory)))
+
+    def _forget(self, name: str) -> None:
+        data = self._memory.pop(name, None)
+        if data is not None:
+            counted = self._buffers[id(data.obj)]
+            counted[1] -= 1
+            if counted[1] == 0:
+                del self._buffers[id(data.obj)]
+                self._memory_used -= counted[0]
 
     async def get(self, info: ObjectInfo, index: int) -> memoryview:
         """Block `index` of the object version `info`, fetched if nobody has it."""

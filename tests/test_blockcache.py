@@ -10,7 +10,7 @@ import trio.testing
 from minerva_mount.blockcache import HEADER, BlockCache, parse_size
 from minerva_mount.core import Core
 from minerva_mount.fakestore import FakeStore
-from minerva_mount.reader import Blocks, Reader
+from minerva_mount.reader import GET_SIZE, Blocks, Reader
 
 BS = 64 * 1024  # small blocks keep the data small
 
@@ -111,6 +111,21 @@ def test_small_read_fetches_only_its_block_and_seek_resets_window(tmp_path):
         assert await reader.read(far, 1000) == data[far:far + 1000]  # a seek: only that block
         await trio.testing.wait_all_tasks_blocked()
         assert store.ranges == [("Outgoing/video.bin", 90 * BS, 91 * BS)]
+    run(test, tmp_path)
+
+
+def test_memory_stays_within_its_budget(tmp_path):
+    async def test(blocks, store, cache):
+        blocks.memory_bytes = 4 * BS
+        data = data_of(64 * BS)
+        info = store.add("Outgoing/m.bin", data)
+        reader, out = Reader(blocks, info, max_window=4 * BS), bytearray()
+        while piece := await reader.read(len(out), 16 * 1024):
+            out += piece
+            assert blocks._memory_used <= 4 * BS + GET_SIZE
+        assert bytes(out) == data
+        await trio.testing.wait_all_tasks_blocked()
+        assert blocks._memory_used <= 4 * BS
     run(test, tmp_path)
 
 
