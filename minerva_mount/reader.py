@@ -16,7 +16,7 @@ import trio
 
 from .blockcache import BLOCK_SIZE, BlockCache, object_id
 from .errors import MinervaError
-from .store import ObjectInfo
+from .store import ObjectChanged, ObjectInfo
 
 log = logging.getLogger("minerva.reader")
 
@@ -219,10 +219,29 @@ class Reader:
         self._window = self._bs
         self._last_end: int | None = None
         self._ahead = 0  # blocks before this one were already asked for
+        self._served = False
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         """Bytes [offset, offset+size) clipped at EOF; a view into a block when it lies in one
-        (pyfuse3 takes any buffer, and a 1 MiB copy per read is worth saving)."""
+        (pyfuse3 takes any buffer, and a 1 MiB copy per read is worth saving).
+
+        An object replaced in S3 after the listing we opened from: if nothing was read yet,
+        the new version is read; after that, the handle fails (EIO) rather than mix versions.
+        """
+        try:
+            data = await self._read(offset, size)
+        except ObjectChanged:
+            if self._served:
+                log.warning("%s changed in S3 while open; reopen it to read the new version",
+                            self._info.path)
+                raise
+            self._info = await self._blocks.store.head(self._info.path)
+            self._window, self._ahead, self._last_end = self._bs, 0, None
+            data = await self._read(offset, size)
+        self._served = True
+        return data
+
+    async def _read(self, offset: int, size: int) -> bytes | memoryview:
         end = min(offset + size, self._info.size)
         if offset >= end:
             return b""

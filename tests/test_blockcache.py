@@ -11,6 +11,7 @@ from minerva_mount.blockcache import HEADER, BlockCache, parse_size
 from minerva_mount.core import Core
 from minerva_mount.fakestore import FakeStore
 from minerva_mount.reader import GET_SIZE, Blocks, Reader
+from minerva_mount.store import ObjectChanged
 
 BS = 64 * 1024  # small blocks keep the data small
 
@@ -219,6 +220,20 @@ def test_changed_etag_never_serves_old_bytes(tmp_path):
         info2 = store.add("Outgoing/r.bin", new)
         assert info2.etag != info.etag
         assert await read_all(blocks, info2) == new
+    run(test, tmp_path)
+
+
+def test_object_replaced_after_open_reads_new_version_until_bytes_were_served(tmp_path):
+    async def test(blocks, store, cache):
+        old, new = data_of(3 * BS, seed=1), data_of(3 * BS, seed=2)
+        opened = store.add("Outgoing/v.bin", old)
+        store.add("Outgoing/v.bin", new)  # replaced before the first read
+        assert await read_all(blocks, opened) == new
+        reader = Reader(blocks, store.add("Outgoing/w.bin", old))
+        assert await reader.read(0, 100) == old[:100]
+        store.add("Outgoing/w.bin", new)
+        with pytest.raises(ObjectChanged):
+            await reader.read(2 * BS, 100)  # no mix of versions in one handle
     run(test, tmp_path)
 
 
