@@ -132,21 +132,35 @@ class BlockCache:
         return None
 
     async def put(self, name: str, data: bytes) -> None:
-        """Store a block (atomically: a crash leaves a .tmp file, removed at next start)."""
-        if name in self._index or name in self._writing or len(data) + HEADER.size > self.max_bytes:
+        await self.put_many([(name, data)])
+
+    async def put_many(self, blocks: list[tuple[str, bytes]]) -> None:
+        """Store blocks, in one worker-thread call (atomically each: a crash leaves a .tmp
+        file, removed at next start)."""
+        todo = [(name, data) for name, data in blocks if name not in self._index
+                and name not in self._writing and len(data) + HEADER.size <= self.max_bytes]
+        if not todo:
             return
-        self._writing.add(name)
+        self._writing.update(name for name, _ in todo)
         try:
-            await trio.to_thread.run_sync(self._write, self._path(name), data, limiter=self._limiter)
-        except OSError as exc:
-            log.warning("block cache: cannot write %s: %s", name, exc.strerror)
-            return
+            written = await trio.to_thread.run_sync(self._write_all, todo, limiter=self._limiter)
         finally:
-            self._writing.discard(name)
-        size = len(data) + HEADER.size
-        self._index[name] = size
-        self.used += size
+            self._writing.difference_update(name for name, _ in todo)
+        for name, size in written:
+            self._index[name] = size
+            self.used += size
         await self._evict()
+
+    def _write_all(self, blocks: list[tuple[str, bytes]]) -> list[tuple[str, int]]:
+        written = []
+        for name, data in blocks:
+            try:
+                self._write(self._path(name), data)
+            except OSError as exc:
+                log.warning("block cache: cannot write %s: %s", name, exc.strerror)
+                continue
+            written.append((name, len(data) + HEADER.size))
+        return written
 
     @staticmethod
     def _write(path: str, data: bytes) -> None:

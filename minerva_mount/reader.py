@@ -200,8 +200,7 @@ class Blocks:
 
     async def _write(self, blocks: list[tuple[str, memoryview]]) -> None:
         try:
-            for name, block in blocks:
-                await self.cache.put(name, block)
+            await self.cache.put_many(blocks)
         except Exception:
             log.exception("block cache write failed")
         finally:
