@@ -6,7 +6,7 @@ open file: the kernel asks for 128 KiB at a time, so a sequential reader gets a 
 window that doubles on each sequential read (1 MiB up to `max_window`, as mountpoint-s3's
 prefetcher grows its requests), fetched as several ranged GETs in parallel by tasks in the
 daemon's nursery. A random or small read (a thumbnailer reading 64 KiB) fetches only the
-block it touches; a seek resets the window.
+bytes it asks for, unless their blocks are at hand; a seek resets the window.
 """
 
 import logging
@@ -103,6 +103,17 @@ class Blocks:
                 self._remember(name, data)
                 return data
         return (await self._fetch(info, index, index + 1))[0]
+
+    async def get_exact(self, info: ObjectInfo, start: int, end: int) -> bytes:
+        """Bytes [start, end) in one GET, kept nowhere: for random reads, which rarely repeat
+        and should not pay for a whole block."""
+        bs = self.block_size
+        if start % bs == 0 and (end % bs == 0 or end == info.size):  # whole blocks: keep them
+            return b"".join(await self._fetch(info, start // bs, -(-end // bs)))
+        data = await self.store.get_range(info.path, start, end, info.etag or None)
+        if len(data) != end - start:
+            raise MinervaError(f"read {info.path}: S3 sent {len(data)} bytes for {end - start}")
+        return data
 
     def missing(self, info: ObjectInfo, index: int) -> str | None:
         """'get' if the block needs fetching, 'disk' if it is only on disk, None if at hand."""
@@ -260,6 +271,10 @@ class Reader:
                 self._ahead = ahead_end
         else:
             self._window, self._ahead = bs, 0
+            if all(self._blocks.missing(self._info, i) == "get" for i in range(first, last)):
+                # A random read (a thumbnailer, a file-type probe): fetch just its bytes.
+                self._last_end = end
+                return await self._blocks.get_exact(self._info, offset, end)
         self._last_end = end
         pieces = [await self._blocks.get(self._info, index) for index in range(first, last)]
         base = first * bs
