@@ -24,7 +24,7 @@ MAX_WINDOW = 64 << 20
 GET_SIZE = 16 << 20  # one ranged GET fetches up to this much of a readahead window
 MAX_GETS = 8  # readahead GETs in flight, all files together
 MEMORY_BYTES = 256 << 20  # blocks held in memory, all files together
-MAX_PENDING_WRITES = 16  # fetched runs (up to GET_SIZE each) waiting for the disk cache
+MAX_PENDING_WRITES = 8  # fetched runs (up to GET_SIZE each) waiting for the disk cache
 
 
 class Blocks:
@@ -42,6 +42,7 @@ class Blocks:
         self._buffers: dict[int, list[int]] = {}  # id(buffer) -> [bytes, blocks in memory]
         self._inflight: dict[str, trio.Event] = {}
         self._gets = trio.CapacityLimiter(MAX_GETS)
+        self._ids: dict[tuple[str, str], str] = {}  # (path, etag) -> hashed file-name stem
         self._writes = trio.Semaphore(MAX_PENDING_WRITES)
 
     @property
@@ -52,13 +53,12 @@ class Blocks:
     def count(self, info: ObjectInfo) -> int:
         return -(-info.size // self.block_size)
 
-    @staticmethod
-    def _name(info: ObjectInfo, index: int, _ids: dict = {}) -> str:  # noqa: B006 (memo)
-        stem = _ids.get((info.path, info.etag))
+    def _name(self, info: ObjectInfo, index: int) -> str:
+        stem = self._ids.get((info.path, info.etag))
         if stem is None:
-            if len(_ids) > 4096:
-                _ids.clear()
-            stem = _ids[(info.path, info.etag)] = object_id(info.path, info.etag)
+            if len(self._ids) > 4096:
+                self._ids.clear()
+            stem = self._ids[(info.path, info.etag)] = object_id(info.path, info.etag)
         return f"{stem}-{index}"
 
     def _remember(self, name: str, data: memoryview) -> None:
