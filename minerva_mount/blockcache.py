@@ -74,8 +74,9 @@ class BlockCache:
         await self._evict()
 
     def _scan(self) -> list[tuple[str, int]]:
+        # A folder the user named may be shared (even /tmp): only ours is made private.
+        os.makedirs(self.root.parent, mode=0o700, exist_ok=True)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        os.chmod(self.root.parent, 0o700)
         os.chmod(self.root, 0o700)
         found = []
         for sub in os.scandir(self.root):
