@@ -79,6 +79,7 @@ class Core:
         self.listings: cachetools.TTLCache = cachetools.TTLCache(maxsize=512, ttl=listing_ttl)
         self.handles: dict[int, Handle] = {}
         self.pending: dict[str, Upload] = {}
+        self.completed = 0  # files uploaded since the mount started
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
@@ -355,6 +356,7 @@ class Core:
         node.size, node.etag, node.mtime = upload.size, etag, upload.mtime
         self._drop_pending(upload)
         self._forget_listing(node.parent_path)
+        self.completed += 1
         log.info("uploaded %s (%d bytes)", upload.path, upload.size)
 
     async def unlink(self, parent_inode: int, name: bytes) -> None:
@@ -421,6 +423,9 @@ class Core:
             self._forget_listing(path)
 
     # ----- whole file system --------------------------------------------------------
+
+    def cache_stats(self) -> dict:
+        return self.blocks.stats()
 
     def statfs(self) -> dict[str, int]:
         """Ample free space, so file managers never refuse a copy for lack of room."""

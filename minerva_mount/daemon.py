@@ -21,6 +21,8 @@ from .blockcache import DEFAULT_CACHE_SIZE, BlockCache, default_cache_dir
 from .core import Core
 from .credentials import CredentialProvider
 from .fs import Operations
+from .monitor import Monitor
+from .paths import UnsafeRuntimeDir, control_socket
 from .store import S3Store
 
 log = logging.getLogger("minerva.daemon")
@@ -62,6 +64,10 @@ def prepare_mountpoint(path: str) -> None:
 
 async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) -> None:
     prepare_mountpoint(settings.mountpoint)
+    try:
+        socket_path = control_socket(settings.mountpoint)
+    except (UnsafeRuntimeDir, OSError) as exc:
+        raise MountError(f"no control socket: {exc}") from None
     provider = CredentialProvider(settings.api_url, api_key, wait_timeout=settings.credential_wait)
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
@@ -73,6 +79,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
         except OSError as exc:
             raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
         core = Core(store, nursery, cache=cache)
+        monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
             options.add("allow_other")
@@ -80,14 +87,18 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             options.add("debug")
         pyfuse3.init(Operations(core), settings.mountpoint, options)
         try:
-            nursery.start_soon(_stop_on_signal, core, settings.stop_timeout)
+            nursery.start_soon(_stop_on_signal, core, settings.stop_timeout, monitor)
             nursery.start_soon(raise_kernel_readahead, settings.mountpoint)
+            await monitor.start(nursery)
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
                      settings.mountpoint)
             on_ready()
+            monitor.ready()
             await pyfuse3.main()
         finally:
+            monitor.stopping()
             pyfuse3.close(unmount=True)
+            monitor.close()
             log.info("unmounted %s", settings.mountpoint)
         nursery.cancel_scope.cancel()
 
@@ -110,11 +121,12 @@ async def raise_kernel_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> No
         log.debug("kernel readahead left as is: %s", exc)
 
 
-async def _stop_on_signal(core: Core, stop_timeout: float) -> None:
+async def _stop_on_signal(core: Core, stop_timeout: float, monitor: Monitor) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s received: finishing %d uploads in progress, then unmounting",
                      signal.Signals(signum).name, len(core.pending))
+            monitor.stopping()
             unfinished = await core.drain(stop_timeout)
             for path in unfinished:
                 log.error("not uploaded at stop (still open or failed): %s", path)

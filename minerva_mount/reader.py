@@ -44,6 +44,15 @@ class Blocks:
         self._gets = trio.CapacityLimiter(MAX_GETS)
         self._ids: dict[tuple[str, str], str] = {}  # (path, etag) -> hashed file-name stem
         self._writes = trio.Semaphore(MAX_PENDING_WRITES)
+        self.hits = self.misses = 0  # blocks a read found in memory or on disk / had to fetch
+
+    def stats(self) -> dict:
+        """For `minerva-mount status`: blocks served at hand vs fetched, and the disk cache."""
+        stats = {"hits": self.hits, "misses": self.misses, "memory_bytes": self._memory_used}
+        if self.cache is not None:
+            stats.update(dir=str(self.cache.root), disk_bytes=self.cache.used,
+                         disk_max_bytes=self.cache.max_bytes, corrupt_dropped=self.cache.dropped_corrupt)
+        return stats
 
     @property
     def pending_writes(self) -> int:
@@ -90,6 +99,7 @@ class Blocks:
             data = self._memory.get(name)
             if data is not None:
                 self._memory.move_to_end(name)
+                self.hits += 1
                 return data
             event = self._inflight.get(name)
             if event is None or waited:
@@ -101,7 +111,9 @@ class Blocks:
             if raw is not None:
                 data = memoryview(raw)
                 self._remember(name, data)
+                self.hits += 1
                 return data
+        self.misses += 1
         return (await self._fetch(info, index, index + 1))[0]
 
     async def get_exact(self, info: ObjectInfo, start: int, end: int) -> bytes:

@@ -92,6 +92,7 @@ class S3Store:
         creds = await self._provider.get()
         client = self._client(creds)
         self.requests[kind] += 1
+        log.debug("request %s %s", kind, path)
         try:
             return await trio.to_thread.run_sync(fn, client, limiter=self._limiter)
         except botocore.exceptions.ClientError as exc:
