@@ -24,7 +24,8 @@ MAX_WINDOW = 64 << 20
 GET_SIZE = 16 << 20  # one ranged GET fetches up to this much of a readahead window
 MAX_GETS = 8  # readahead GETs in flight, all files together
 MEMORY_BYTES = 256 << 20  # blocks held in memory, all files together
-MAX_PENDING_WRITES = 8  # fetched runs (up to GET_SIZE each) waiting for the disk cache
+MAX_PENDING_WRITES = 8  # fetched runs (up to GET_SIZE each) waiting for the disk cache;
+# beyond that a run is not cached: on a busy machine, stalling reads for the cache costs more
 
 
 class Blocks:
@@ -44,6 +45,7 @@ class Blocks:
         self._gets = trio.CapacityLimiter(MAX_GETS)
         self._ids: dict[tuple[str, str], str] = {}  # (path, etag) -> hashed file-name stem
         self._writes = trio.Semaphore(MAX_PENDING_WRITES)
+        self.skipped_writes = 0  # fetched blocks not cached on disk because writes fell behind
         self.hits = self.misses = 0  # blocks a read found in memory or on disk / had to fetch
 
     def stats(self) -> dict:
@@ -217,8 +219,12 @@ class Blocks:
         finally:
             self._release(claimed)
         if self.cache is not None and info.etag:
-            await self._writes.acquire()  # bounds the bytes waiting to be written
-            self.nursery.start_soon(self._write, list(zip(names, blocks, strict=True)))
+            try:
+                self._writes.acquire_nowait()  # bounds the bytes waiting to be written
+            except trio.WouldBlock:  # the disk is behind: reading on beats caching everything
+                self.skipped_writes += len(blocks)
+            else:
+                self.nursery.start_soon(self._write, list(zip(names, blocks, strict=True)))
         return blocks
 
     async def _write(self, blocks: list[tuple[str, memoryview]]) -> None:

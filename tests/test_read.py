@@ -44,6 +44,16 @@ def pread(path, offset: int, size: int) -> bytes:
         os.close(fd)
 
 
+def cached_after_reading(path, cache, count: int):
+    """A poll predicate: read the file again (a block whose write was skipped while the disk
+    was behind is fetched and written now) until `count` blocks are in the cache."""
+    def check():
+        drop_pages(path)
+        path.read_bytes()
+        return len(block_files(cache)) == count
+    return check
+
+
 def block_files(cache) -> list[str]:
     return sorted(os.path.join(d, f) for d, _, files in os.walk(cache) for f in files
                   if not f.endswith(".tmp"))
@@ -82,7 +92,7 @@ def test_random_64k_reads_and_blocks_reused_after_restart(reading, local_minerva
     finally:
         os.close(fd)
     assert (mount.path / "Outgoing" / "media.bin").read_bytes() == data
-    wait_for(lambda: len(block_files(cache)) == 24, "24 blocks written to the cache")
+    wait_for(cached_after_reading(path, cache, 24), "24 blocks written to the cache")
     assert mount.unmount() == 0
     for name in block_files(cache):
         assert stat.S_IMODE(os.stat(name).st_mode) == 0o600
@@ -133,7 +143,8 @@ def test_corrupt_block_on_disk_is_fetched_again(reading, local_minerva):
     local_minerva.put("Outgoing/c.bin", data)
     mount = make()
     assert (mount.path / "Outgoing" / "c.bin").read_bytes() == data
-    wait_for(lambda: len(block_files(cache)) == 4, "4 blocks written to the cache")
+    wait_for(cached_after_reading(mount.path / "Outgoing" / "c.bin", cache, 4),
+             "4 blocks written to the cache")
     assert mount.unmount() == 0
     names = block_files(cache)
     with open(names[0], "r+b") as f:  # flip bytes in the middle of one block
