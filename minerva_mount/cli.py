@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_const", const=True, help="let other users see the mount")
     p.add_argument("--log-file", help="log here (default: stderr in the foreground, "
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
+    p.add_argument("--cache-dir", help="block cache folder (env MINERVA_CACHE_DIR; default "
+                   "$XDG_CACHE_HOME/minerva-mount)")
+    p.add_argument("--cache-size", help="block cache cap, e.g. 512M or 10G (env MINERVA_CACHE_SIZE; "
+                   "default 10G)")
     p.add_argument("-v", "--verbose", "--debug", dest="debug", action="store_const", const=True,
                    help="also log each request")
     p.add_argument("--stop-timeout", type=float, metavar="SECONDS",
@@ -85,7 +89,7 @@ def load_config(args) -> configuration.Config:
         raise configuration.ConfigError("expected at most [SOURCE] MOUNTPOINT")
     flags = configuration.parse_mount_options(args.options)
     for name in ("api_url", "api_key_file", "s3_endpoint_url", "allow_other", "log_file", "debug",
-                 "stop_timeout", "credential_wait", "s3_retry_timeout"):
+                 "stop_timeout", "credential_wait", "s3_retry_timeout", "cache_dir", "cache_size"):
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     if args.places:
@@ -124,6 +128,13 @@ def mount_main(argv: list[str]) -> int:
     except configuration.ConfigError as exc:
         print(f"minerva-mount: {exc}", file=sys.stderr)
         return EX_CONFIG
+    from .blockcache import parse_size
+
+    try:
+        cache_size = parse_size(config.cache_size)
+    except ValueError as exc:
+        print(f"minerva-mount: cache_size: {exc}", file=sys.stderr)
+        return EX_CONFIG
     args.mountpoint = str(config.mountpoint)
     args.log_file = config.log_file
     if not args.foreground:
@@ -137,7 +148,8 @@ def mount_main(argv: list[str]) -> int:
     settings = Settings(mountpoint=args.mountpoint, api_url=config.api_url,
                         s3_endpoint_url=config.s3_endpoint_url, allow_other=config.allow_other,
                         stop_timeout=config.stop_timeout, credential_wait=config.credential_wait,
-                        s3_retry_timeout=config.s3_retry_timeout)
+                        s3_retry_timeout=config.s3_retry_timeout, cache_dir=config.cache_dir,
+                        cache_size=cache_size)
 
     def ready() -> None:
         if args.ready_fd is not None:

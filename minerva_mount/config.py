@@ -52,6 +52,9 @@ SETTINGS = (
             "seconds an operation waits for valid credentials while the Minerva API fails"),
     Setting("s3_retry_timeout", float, ("MINERVA_S3_RETRY_TIMEOUT",), 60.0,
             "seconds an S3 request is retried while S3 is unreachable or failing"),
+    Setting("cache_dir", Path, ("MINERVA_CACHE_DIR",), None,
+            "block cache folder (default: $XDG_CACHE_HOME/minerva-mount)"),
+    Setting("cache_size", str, ("MINERVA_CACHE_SIZE",), "10G", "block cache cap, e.g. 512M or 10G"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

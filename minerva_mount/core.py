@@ -43,7 +43,7 @@ from .namespace import (
     require_writable,
     shown_name,
 )
-from .reader import Reader
+from .reader import Blocks, Reader
 from .store import ObjectInfo
 from .writer import Upload
 
@@ -66,12 +66,16 @@ class Handle:
     node: Node
     reader: Reader | None = None
     upload: Upload | None = None
+    keep_cache: bool = False  # the kernel may keep its page cache of this file (same ETag)
 
 
 class Core:
-    def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0):
+    def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None):
         self.store = store
         self.nursery = nursery
+        self.blocks = Blocks(store, nursery, cache)
+        self.page_cache_etags: dict[int, str] = {}  # inode -> ETag the kernel's pages hold
+        self.on_changed = None  # callback(inode): drop the kernel's pages of a changed object
         self.inodes = InodeTable()
         self.listings: cachetools.TTLCache = cachetools.TTLCache(maxsize=512, ttl=listing_ttl)
         self.handles: dict[int, Handle] = {}
@@ -149,7 +153,16 @@ class Core:
         if entry is DIR:
             return self.inodes.upsert(path, True)
         node = self.inodes.upsert(path, False, entry.size, entry.mtime, entry.etag or None)
+        self._check_pages(node)
         return node
+
+    def _check_pages(self, node: Node) -> None:
+        """The object changed since the kernel cached its pages: have them dropped."""
+        cached = self.page_cache_etags.get(node.inode)
+        if cached is not None and node.etag and cached != node.etag:
+            del self.page_cache_etags[node.inode]
+            if self.on_changed is not None:
+                self.on_changed(node.inode)
 
     def _dir(self, inode: int) -> Node:
         node = self._node(inode)
@@ -190,6 +203,8 @@ class Core:
 
     def forget(self, inode: int, count: int) -> None:
         self.inodes.forget(inode, count)
+        if inode not in self.inodes.by_inode:
+            self.page_cache_etags.pop(inode, None)
 
     def remember(self, node: Node) -> None:
         """The kernel took a reference (readdirplus entry accepted)."""
@@ -283,7 +298,10 @@ class Core:
                 info = await self.store.head(self._key(node.path))
                 node.size, node.mtime, node.etag = info.size, info.mtime, info.etag
             info = ObjectInfo(self._key(node.path), node.size, node.mtime, node.etag or "")
-            return self._open_handle(Handle(node, reader=Reader(self.store, info)))
+            keep = bool(info.etag) and self.page_cache_etags.get(inode) == info.etag
+            if info.etag:
+                self.page_cache_etags[inode] = info.etag
+            return self._open_handle(Handle(node, reader=Reader(self.blocks, info), keep_cache=keep))
         require_writable(node.path, "write")
         if node.path in self.aliases:
             raise NotPermitted(f"{node.path} stands for {self._key(node.path)}, which only a folder "
@@ -441,6 +459,9 @@ class Core:
             self._forget_listing(path)
 
     # ----- whole file system --------------------------------------------------------
+
+    def cache_stats(self) -> dict:
+        return self.blocks.stats()
 
     def statfs(self) -> dict[str, int]:
         """Ample free space, so file managers never refuse a copy for lack of room."""

@@ -12,10 +12,12 @@ import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
 
+from .blockcache import DEFAULT_CACHE_SIZE, BlockCache, default_cache_dir
 from .core import Core
 from .credentials import CredentialProvider
 from .fs import Operations
@@ -24,6 +26,8 @@ from .paths import UnsafeRuntimeDir, control_socket
 from .store import S3Store
 
 log = logging.getLogger("minerva.daemon")
+
+READ_AHEAD_KB = 1024
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Settings:
     credential_wait: float = 60.0
     s3_retry_timeout: float = 60.0
     debug_fuse: bool = False
+    cache_dir: str | None = None  # default: XDG cache dir / minerva-mount
+    cache_size: int = DEFAULT_CACHE_SIZE
 
 
 class MountError(Exception):
@@ -67,7 +73,13 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
         store = S3Store(provider, settings.s3_endpoint_url, retry_timeout=settings.s3_retry_timeout)
-        core = Core(store, nursery)
+        cache = BlockCache(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
+                           settings.cache_size)
+        try:
+            await cache.open()
+        except OSError as exc:
+            raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
+        core = Core(store, nursery, cache=cache)
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
@@ -77,6 +89,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
         pyfuse3.init(Operations(core), settings.mountpoint, options)
         try:
             nursery.start_soon(_stop_on_signal, core, settings.stop_timeout, monitor)
+            nursery.start_soon(raise_kernel_readahead, settings.mountpoint)
             await monitor.start(nursery)
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
                      settings.mountpoint)
@@ -89,6 +102,24 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             monitor.close()
             log.info("unmounted %s", settings.mountpoint)
         nursery.cancel_scope.cancel()
+
+
+async def raise_kernel_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """Let the kernel send 1 MiB reads instead of 128 KiB: 8x fewer requests to serve.
+
+    The kernel sets the knob when it receives FUSE INIT; a stat() from a worker thread
+    returns once that is done (this loop answers it). Only root may write the knob; anyone
+    else keeps the kernel's default.
+    """
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(kb))
+    except OSError as exc:
+        log.debug("kernel readahead left as is: %s", exc)
 
 
 async def _stop_on_signal(core: Core, stop_timeout: float, monitor: Monitor) -> None:

@@ -11,6 +11,7 @@ import logging
 import os
 
 import pyfuse3
+import trio
 
 from .core import Core, mode_of
 from .errors import MinervaError
@@ -20,6 +21,7 @@ log = logging.getLogger("minerva.fs")
 
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
+_INVALIDATE = trio.CapacityLimiter(1)
 
 
 def _handler(method):
@@ -48,6 +50,16 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.core = core
         self.uid, self.gid = os.getuid(), os.getgid()
+        core.on_changed = self._invalidate
+
+    def _invalidate(self, inode: int) -> None:
+        """Drop the kernel's cached pages of a changed object (from a thread: it may block)."""
+        async def run():
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, limiter=_INVALIDATE)
+            except OSError as exc:  # the kernel no longer knows the inode: nothing cached
+                log.debug("invalidate inode %d: %s", inode, exc)
+        self.core.nursery.start_soon(run)
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -115,7 +127,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=await self.core.open(inode, flags))
+        fh = await self.core.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.core.handles[fh].keep_cache)
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -1,39 +1,301 @@
-"""Reads of one open file: ranged GETs, with a window that grows while reads are sequential.
+"""Reads of open files, block by block: memory, then the disk cache, then ranged GETs.
 
-The kernel asks for at most 128 KiB at a time; one GET per request would make every read
-pay a round trip. So a sequential reader gets a window fetched ahead, doubling up to
-`max_window`, while a random reader (a thumbnailer reading 64 KiB) fetches only what it
-asked for. A seek resets the window.
+`Blocks` is shared by every open file, so concurrent readers of one object share its blocks
+and a block is never fetched twice at once (one in-flight event per block). `Reader` is one
+open file: the kernel asks for 128 KiB at a time, so a sequential reader gets a readahead
+window that doubles on each sequential read (1 MiB up to `max_window`, as mountpoint-s3's
+prefetcher grows its requests), fetched as several ranged GETs in parallel by tasks in the
+daemon's nursery. A random or small read (a thumbnailer reading 64 KiB) fetches only the
+bytes it asks for, unless their blocks are at hand; a seek resets the window.
 """
 
-from .store import ObjectInfo
+import logging
+from collections import OrderedDict
 
-MIN_WINDOW = 1 << 20
-MAX_WINDOW = 16 << 20
+import trio
+
+from .blockcache import BLOCK_SIZE, BlockCache, object_id
+from .errors import MinervaError
+from .store import ObjectChanged, ObjectInfo
+
+log = logging.getLogger("minerva.reader")
+
+MAX_WINDOW = 64 << 20
+GET_SIZE = 16 << 20  # one ranged GET fetches up to this much of a readahead window
+MAX_GETS = 8  # readahead GETs in flight, all files together
+MEMORY_BYTES = 256 << 20  # blocks held in memory, all files together
+MAX_PENDING_WRITES = 8  # fetched runs (up to GET_SIZE each) waiting for the disk cache;
+# beyond that a run is not cached: on a busy machine, stalling reads for the cache costs more
+
+
+class Blocks:
+    """Blocks of object versions, as bytes, wherever they are; memory bounded by bytes."""
+
+    def __init__(self, store, nursery: trio.Nursery, cache: BlockCache | None = None,
+                 block_size: int = BLOCK_SIZE, memory_bytes: int = MEMORY_BYTES):
+        self.store = store
+        self.nursery = nursery
+        self.cache = cache
+        self.block_size = cache.block_size if cache is not None else block_size
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, memoryview] = OrderedDict()
+        self._memory_used = 0
+        self._buffers: dict[int, list[int]] = {}  # id(buffer) -> [bytes, blocks in memory]
+        self._inflight: dict[str, trio.Event] = {}
+        self._gets = trio.CapacityLimiter(MAX_GETS)
+        self._ids: dict[tuple[str, str], str] = {}  # (path, etag) -> hashed file-name stem
+        self._writes = trio.Semaphore(MAX_PENDING_WRITES)
+        self.skipped_writes = 0  # fetched blocks not cached on disk because writes fell behind
+        self.hits = self.misses = 0  # blocks a read found in memory or on disk / had to fetch
+
+    def stats(self) -> dict:
+        """For `minerva-mount status`: blocks served at hand vs fetched, and the disk cache."""
+        stats = {"hits": self.hits, "misses": self.misses, "memory_bytes": self._memory_used}
+        if self.cache is not None:
+            stats.update(dir=str(self.cache.root), disk_bytes=self.cache.used,
+                         disk_max_bytes=self.cache.max_bytes, corrupt_dropped=self.cache.dropped_corrupt)
+        return stats
+
+    @property
+    def pending_writes(self) -> int:
+        """Fetched runs not yet written to the disk cache."""
+        return MAX_PENDING_WRITES - self._writes.value
+
+    def count(self, info: ObjectInfo) -> int:
+        return -(-info.size // self.block_size)
+
+    def _name(self, info: ObjectInfo, index: int) -> str:
+        stem = self._ids.get((info.path, info.etag))
+        if stem is None:
+            if len(self._ids) > 4096:
+                self._ids.clear()
+            stem = self._ids[(info.path, info.etag)] = object_id(info.path, info.etag)
+        return f"{stem}-{index}"
+
+    def _remember(self, name: str, data: memoryview) -> None:
+        """Keep a block in memory. A block is a view into the buffer of the GET that fetched
+        it, which lives while any of its blocks does: memory is counted by buffers."""
+        self._forget(name)
+        self._memory[name] = data
+        counted = self._buffers.setdefault(id(data.obj), [len(data.obj), 0])
+        if counted[1] == 0:
+            self._memory_used += counted[0]
+        counted[1] += 1
+        while self._memory_used > self.memory_bytes and len(self._memory) > 1:
+            self._forget(next(iter(self._memory)))
+
+    def _forget(self, name: str) -> None:
+        data = self._memory.pop(name, None)
+        if data is not None:
+            counted = self._buffers[id(data.obj)]
+            counted[1] -= 1
+            if counted[1] == 0:
+                del self._buffers[id(data.obj)]
+                self._memory_used -= counted[0]
+
+    async def get(self, info: ObjectInfo, index: int) -> memoryview:
+        """Block `index` of the object version `info`, fetched if nobody has it."""
+        name = self._name(info, index)
+        waited = False
+        while True:
+            data = self._memory.get(name)
+            if data is not None:
+                self._memory.move_to_end(name)
+                self.hits += 1
+                return data
+            event = self._inflight.get(name)
+            if event is None or waited:
+                break
+            waited = True  # someone fetches it; if that failed, we fetch it ourselves
+            await event.wait()
+        if self.cache is not None and self.cache.has(name):
+            raw = await self.cache.get(name)
+            if raw is not None:
+                data = memoryview(raw)
+                self._remember(name, data)
+                self.hits += 1
+                return data
+        self.misses += 1
+        return (await self._fetch(info, index, index + 1))[0]
+
+    async def get_exact(self, info: ObjectInfo, start: int, end: int) -> bytes:
+        """Bytes [start, end) in one GET, kept nowhere: for random reads, which rarely repeat
+        and should not pay for a whole block."""
+        bs = self.block_size
+        if start % bs == 0 and (end % bs == 0 or end == info.size):  # whole blocks: keep them
+            return b"".join(await self._fetch(info, start // bs, -(-end // bs)))
+        data = await self.store.get_range(info.path, start, end, info.etag or None)
+        if len(data) != end - start:
+            raise MinervaError(f"read {info.path}: S3 sent {len(data)} bytes for {end - start}")
+        return data
+
+    def missing(self, info: ObjectInfo, index: int) -> str | None:
+        """'get' if the block needs fetching, 'disk' if it is only on disk, None if at hand."""
+        name = self._name(info, index)
+        if name in self._memory or name in self._inflight:
+            return None
+        if self.cache is not None and self.cache.has(name):
+            return "disk"
+        return "get"
+
+    def prefetch(self, info: ObjectInfo, first: int, last: int) -> None:
+        """Start fetching blocks [first, last) that no one has: runs of GETs, or disk loads."""
+        run: list[int] = []
+
+        def flush():
+            if run:
+                claimed = self._claim([self._name(info, i) for i in run])  # now: readers wait for it
+                self.nursery.start_soon(self._background, self._fetch, info, run[0], run[-1] + 1, claimed)
+                run.clear()
+        for index in range(first, last):
+            where = self.missing(info, index)
+            if where == "get":
+                run.append(index)
+                if len(run) * self.block_size >= GET_SIZE:
+                    flush()
+                continue
+            flush()
+            if where == "disk":
+                claimed = self._claim([self._name(info, index)])
+                self.nursery.start_soon(self._background, self._load, info, index, claimed)
+        flush()
+
+    def _claim(self, names: list[str]) -> list[tuple[str, trio.Event]]:
+        """Mark blocks as being fetched, so other readers wait instead of fetching them too."""
+        claimed = []
+        for name in names:
+            if name not in self._inflight:
+                claimed.append((name, trio.Event()))
+                self._inflight[name] = claimed[-1][1]
+        return claimed
+
+    def _release(self, claimed: list[tuple[str, trio.Event]]) -> None:
+        for name, event in claimed:
+            if self._inflight.get(name) is event:
+                del self._inflight[name]
+            event.set()
+
+    async def _background(self, fn, *args) -> None:
+        """Readahead never fails the daemon: a failed block is fetched again when read."""
+        try:
+            await fn(*args)
+        except MinervaError as exc:
+            log.warning("readahead: %s", exc)
+        except Exception:
+            log.exception("readahead failed")
+
+    async def _load(self, info: ObjectInfo, index: int, claimed) -> None:
+        name = self._name(info, index)
+        try:
+            raw = await self.cache.get(name)
+            if raw is not None:
+                self._remember(name, memoryview(raw))
+        finally:
+            self._release(claimed)
+
+    async def _fetch(self, info: ObjectInfo, first: int, last: int, claimed=None) -> list[memoryview]:
+        """GET blocks [first, last) in one request; keep them in memory, then write them to disk.
+
+        Readahead (`claimed` given) waits for a slot among MAX_GETS; a read waiting on its
+        block goes first.
+        """
+        names = [self._name(info, i) for i in range(first, last)]
+        limited = claimed is not None
+        if claimed is None:
+            claimed = self._claim(names)
+        try:
+            start, end = first * self.block_size, min(last * self.block_size, info.size)
+            if limited:
+                async with self._gets:
+                    data = await self.store.get_range(info.path, start, end, info.etag or None)
+            else:
+                data = await self.store.get_range(info.path, start, end, info.etag or None)
+            if len(data) != end - start:
+                raise MinervaError(f"read {info.path}: S3 sent {len(data)} bytes for {end - start}")
+            view = memoryview(data)
+            blocks = [view[i:i + self.block_size] for i in range(0, len(view), self.block_size)]
+            for name, block in zip(names, blocks, strict=True):
+                self._remember(name, block)
+        finally:
+            self._release(claimed)
+        if self.cache is not None and info.etag:
+            try:
+                self._writes.acquire_nowait()  # bounds the bytes waiting to be written
+            except trio.WouldBlock:  # the disk is behind: reading on beats caching everything
+                self.skipped_writes += len(blocks)
+            else:
+                self.nursery.start_soon(self._write, list(zip(names, blocks, strict=True)))
+        return blocks
+
+    async def _write(self, blocks: list[tuple[str, memoryview]]) -> None:
+        try:
+            await self.cache.put_many(blocks)
+        except Exception:
+            log.exception("block cache write failed")
+        finally:
+            self._writes.release()
 
 
 class Reader:
-    def __init__(self, store, info: ObjectInfo, max_window: int = MAX_WINDOW):
-        self._store = store
-        self._info = info
-        self._max_window = max_window
-        self._window = MIN_WINDOW
-        self._next_offset = 0
-        self._buf_start = 0
-        self._buf = b""
+    """One open file: sequential detection and the readahead window."""
 
-    async def read(self, offset: int, size: int) -> bytes:
+    def __init__(self, blocks: Blocks, info: ObjectInfo, max_window: int = MAX_WINDOW):
+        self._blocks = blocks
+        self._info = info
+        self._bs = blocks.block_size
+        self._max_window = max(max_window, self._bs)
+        self._window = self._bs
+        self._last_end: int | None = None
+        self._ahead = 0  # blocks before this one were already asked for
+        self._served = False
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        """Bytes [offset, offset+size) clipped at EOF; a view into a block when it lies in one
+        (pyfuse3 takes any buffer, and a 1 MiB copy per read is worth saving).
+
+        An object replaced in S3 after the listing we opened from: if nothing was read yet,
+        the new version is read; after that, the handle fails (EIO) rather than mix versions.
+        """
+        try:
+            data = await self._read(offset, size)
+        except ObjectChanged:
+            if self._served:
+                log.warning("%s changed in S3 while open; reopen it to read the new version",
+                            self._info.path)
+                raise
+            self._info = await self._blocks.store.head(self._info.path)
+            self._window, self._ahead, self._last_end = self._bs, 0, None
+            data = await self._read(offset, size)
+        self._served = True
+        return data
+
+    async def _read(self, offset: int, size: int) -> bytes | memoryview:
         end = min(offset + size, self._info.size)
         if offset >= end:
             return b""
-        if self._buf_start <= offset and end <= self._buf_start + len(self._buf):
-            data = self._buf[offset - self._buf_start:end - self._buf_start]
+        bs = self._bs
+        first, last = offset // bs, (end - 1) // bs + 1
+        # The kernel has several reads in flight and may answer them out of order: near the
+        # last end counts as sequential.
+        if self._last_end is not None and abs(offset - self._last_end) <= 2 * bs:
+            self._window = min(self._window * 2, self._max_window)
+            ahead_end = min(self._blocks.count(self._info), (end + self._window - 1) // bs + 1)
+            start = max(self._ahead, last)
+            # Extend in whole GETs, not a block per read: small GETs waste the link.
+            step = min(GET_SIZE, self._window) // bs
+            at_end = ahead_end == self._blocks.count(self._info)
+            if ahead_end > start and (ahead_end - start >= step or at_end):
+                self._blocks.prefetch(self._info, start, ahead_end)
+                self._ahead = ahead_end
         else:
-            sequential = offset == self._next_offset and offset > 0
-            self._window = min(self._window * 2, self._max_window) if sequential else MIN_WINDOW
-            fetch_end = min(max(end, offset + (self._window if sequential else 0)), self._info.size)
-            fetched = await self._store.get_range(self._info.path, offset, fetch_end, self._info.etag)
-            self._buf_start, self._buf = offset, fetched
-            data = fetched[:end - offset]
-        self._next_offset = end
-        return data
+            self._window, self._ahead = bs, 0
+            if all(self._blocks.missing(self._info, i) == "get" for i in range(first, last)):
+                # A random read (a thumbnailer, a file-type probe): fetch just its bytes.
+                self._last_end = end
+                return await self._blocks.get_exact(self._info, offset, end)
+        self._last_end = end
+        pieces = [await self._blocks.get(self._info, index) for index in range(first, last)]
+        base = first * bs
+        if len(pieces) == 1:
+            return pieces[0][offset - base:end - base]
+        return b"".join(pieces)[offset - base:end - base]

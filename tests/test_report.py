@@ -45,7 +45,7 @@ def test_snapshot_counts_bytes_written_and_uploaded_then_the_completed_file():
             report = snapshot(mountpoint="/m", started=0, core=core, provider=provider(), failures=failures)
             assert report["uploads"] == [] and report["uploads_completed"] == 1
             assert report["area"] == "s3://b/acme/" and report["credentials"]["seconds_left"] == 3600
-            assert "cache" not in report
+            assert report["cache"]["hits"] == report["cache"]["misses"] == 0  # block cache, no reads yet
             nursery.cancel_scope.cancel()
     trio.run(main)
 

@@ -1,0 +1,264 @@
+"""Unit tests of the on-disk block cache and of the block reader over FakeStore."""
+
+import os
+import stat
+
+import pytest
+import trio
+import trio.testing
+
+from minerva_mount.blockcache import HEADER, BlockCache, parse_size
+from minerva_mount.core import Core
+from minerva_mount.fakestore import FakeStore
+from minerva_mount.reader import GET_SIZE, Blocks, Reader
+from minerva_mount.store import ObjectChanged
+
+BS = 64 * 1024  # small blocks keep the data small
+
+
+class RangeStore(FakeStore):
+    """FakeStore that records every ranged GET, to check what the reader asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.ranges: list[tuple[str, int, int]] = []
+
+    async def get_range(self, path, start, end, etag=None):
+        self.ranges.append((path, start, end))
+        return await super().get_range(path, start, end, etag)
+
+
+def data_of(size: int, seed: int = 1) -> bytes:
+    return bytes((i * 31 + seed) % 251 for i in range(size))
+
+
+def run(test, tmp_path, max_bytes=1 << 30):
+    """Run `test(blocks, store, cache)` with a fresh cache over `tmp_path`."""
+    async def main():
+        store = RangeStore()
+        cache = BlockCache(tmp_path, max_bytes, block_size=BS)
+        await cache.open()
+        async with trio.open_nursery() as nursery:
+            await test(Blocks(store, nursery, cache), store, cache)
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+
+
+async def read_all(blocks, info, chunk=16 * 1024) -> bytes:
+    reader, out = Reader(blocks, info), bytearray()
+    while piece := await reader.read(len(out), chunk):
+        out += piece
+    return bytes(out)
+
+
+async def settle(blocks: Blocks) -> None:
+    """Wait until fetched blocks are on disk (they are written in the background)."""
+    with trio.fail_after(10):
+        while blocks.pending_writes:
+            await trio.sleep(0.01)
+
+
+def block_files(tmp_path) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files)
+
+
+def test_parse_size():
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("10GiB") == 10 << 30
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_sequential_read_equals_object_and_fetches_ahead_in_few_gets(tmp_path):
+    async def test(blocks, store, cache):
+        data = data_of(40 * BS + 123)
+        info = store.add("Outgoing/big.bin", data)
+        assert await read_all(blocks, info) == data
+        # Readahead fetches runs of blocks: far fewer GETs than blocks, and no byte twice.
+        assert len(store.ranges) < 20
+        fetched = sorted((s, e) for _, s, e in store.ranges[1:])  # after the first small read
+        assert all(a[1] <= b[0] for a, b in zip(fetched, fetched[1:], strict=False))
+    run(test, tmp_path)
+
+
+def test_reads_at_and_beyond_eof(tmp_path):
+    async def test(blocks, store, cache):
+        data = data_of(3 * BS + 10)
+        info = store.add("Outgoing/f.bin", data)
+        reader = Reader(blocks, info)
+        assert await reader.read(len(data) - 5, 100) == data[-5:]
+        assert await reader.read(len(data), 100) == b""
+        assert await reader.read(len(data) + BS, 100) == b""
+        assert await reader.read(BS - 7, 20) == data[BS - 7:BS + 13]  # across a block edge
+        assert await reader.read(0, 4 * BS) == data  # several blocks in one read
+    run(test, tmp_path)
+
+
+def test_small_read_fetches_only_its_block_and_seek_resets_window(tmp_path):
+    async def test(blocks, store, cache):
+        data = data_of(100 * BS)
+        info = store.add("Outgoing/video.bin", data)
+        reader = Reader(blocks, info, max_window=8 * BS)
+        assert await reader.read(0, 16 * 1024) == data[:16 * 1024]
+        assert store.ranges == [("Outgoing/video.bin", 0, 16 * 1024)]  # just what was asked
+        for offset in range(16 * 1024, 8 * BS, 16 * 1024):  # sequential: the window grows
+            await reader.read(offset, 16 * 1024)
+        await trio.testing.wait_all_tasks_blocked()
+        assert max(e for _, _, e in store.ranges) > 8 * BS
+        store.ranges.clear()
+        far = 90 * BS + 5
+        assert await reader.read(far, 1000) == data[far:far + 1000]  # a seek: only that block
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.ranges == [("Outgoing/video.bin", far, far + 1000)]
+    run(test, tmp_path)
+
+
+def test_memory_stays_within_its_budget(tmp_path):
+    async def test(blocks, store, cache):
+        blocks.memory_bytes = 4 * BS
+        data = data_of(64 * BS)
+        info = store.add("Outgoing/m.bin", data)
+        reader, out = Reader(blocks, info, max_window=4 * BS), bytearray()
+        while piece := await reader.read(len(out), 16 * 1024):
+            out += piece
+            assert blocks._memory_used <= 4 * BS + GET_SIZE
+        assert bytes(out) == data
+        await trio.testing.wait_all_tasks_blocked()
+        assert blocks._memory_used <= 4 * BS
+    run(test, tmp_path)
+
+
+def test_concurrent_readers_share_blocks(tmp_path):
+    async def test(blocks, store, cache):
+        data = data_of(30 * BS)
+        info = store.add("Outgoing/shared.bin", data)
+        results = []
+
+        async def one():
+            results.append(await read_all(blocks, info, chunk=BS))
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one)
+        assert results == [data] * 4
+        assert sum(e - s for _, s, e in store.ranges) == len(data)  # every byte fetched once
+    run(test, tmp_path)
+
+
+def test_blocks_survive_restart_and_files_are_private(tmp_path):
+    data = data_of(5 * BS)
+
+    async def first(blocks, store, cache):
+        info = store.add("Outgoing/keep.bin", data)
+        assert await read_all(blocks, info) == data
+        await settle(blocks)
+    run(first, tmp_path)
+
+    async def second(blocks, store, cache):
+        info = store.add("Outgoing/keep.bin", data)
+        assert len(cache._index) == 5
+        assert await read_all(blocks, info) == data
+        assert store.ranges == []  # all from disk
+    run(second, tmp_path)
+    for path in block_files(tmp_path):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for folder, _, _ in os.walk(tmp_path / "blocks-65536"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+
+
+def test_eviction_by_bytes_keeps_recent_blocks(tmp_path):
+    cap = 4 * (BS + HEADER.size)
+
+    async def test(blocks, store, cache):
+        names = [BlockCache.name("Outgoing/big.bin", "etag1", i) for i in range(10)]
+        for index in range(4):
+            await cache.put(names[index], data_of(BS, seed=index))
+        assert await cache.get(names[0]) == data_of(BS, seed=0)  # now the most recent
+        await cache.put(names[4], data_of(BS, seed=4))
+        assert cache.has(names[0]) and not cache.has(names[1])  # least recently used went
+        for index in range(5, 10):
+            await cache.put(names[index], data_of(BS, seed=index))
+            assert cache.used <= cap
+        assert set(cache._index) == set(names[6:])
+        assert sum(os.path.getsize(p) for p in block_files(tmp_path)) <= cap
+    run(test, tmp_path, max_bytes=cap)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_block_is_dropped_and_fetched_again(tmp_path, damage):
+    data = data_of(3 * BS)
+
+    async def fill(blocks, store, cache):
+        info = store.add("Outgoing/c.bin", data)
+        assert await read_all(blocks, info) == data
+        await settle(blocks)
+    run(fill, tmp_path)
+    victim = block_files(tmp_path)[0]
+    with open(victim, "r+b") as f:
+        if damage == "flip":
+            f.seek(HEADER.size + 1000)
+            byte = f.read(1)
+            f.seek(HEADER.size + 1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        else:
+            f.truncate(HEADER.size + 100)
+
+    async def check(blocks, store, cache):
+        info = store.add("Outgoing/c.bin", data)
+        assert await read_all(blocks, info) == data
+        assert len(store.ranges) == 1  # just the damaged block again
+        assert cache.dropped_corrupt == 1
+    run(check, tmp_path)
+
+
+def test_changed_etag_never_serves_old_bytes(tmp_path):
+    async def test(blocks, store, cache):
+        old = data_of(3 * BS, seed=1)
+        info = store.add("Outgoing/r.bin", old)
+        assert await read_all(blocks, info) == old
+        await settle(blocks)
+        new = data_of(3 * BS, seed=2)
+        info2 = store.add("Outgoing/r.bin", new)
+        assert info2.etag != info.etag
+        assert await read_all(blocks, info2) == new
+    run(test, tmp_path)
+
+
+def test_object_replaced_after_open_reads_new_version_until_bytes_were_served(tmp_path):
+    async def test(blocks, store, cache):
+        old, new = data_of(3 * BS, seed=1), data_of(3 * BS, seed=2)
+        opened = store.add("Outgoing/v.bin", old)
+        store.add("Outgoing/v.bin", new)  # replaced before the first read
+        assert await read_all(blocks, opened) == new
+        reader = Reader(blocks, store.add("Outgoing/w.bin", old))
+        assert await reader.read(0, 100) == old[:100]
+        store.add("Outgoing/w.bin", new)
+        with pytest.raises(ObjectChanged):
+            await reader.read(2 * BS, 100)  # no mix of versions in one handle
+    run(test, tmp_path)
+
+
+def test_core_keeps_page_cache_only_while_etag_unchanged(tmp_path):
+    async def main():
+        store = FakeStore()
+        store.add("Outgoing/p.bin", b"one")
+        changed = []
+        async with trio.open_nursery() as nursery:
+            core = Core(store, nursery)
+            core.on_changed = changed.append
+            outgoing = (await core.lookup(1, b"Outgoing")).inode
+            inode = (await core.lookup(outgoing, b"p.bin")).inode
+            first = await core.open(inode, os.O_RDONLY)
+            second = await core.open(inode, os.O_RDONLY)
+            assert not core.handles[first].keep_cache  # nothing cached yet
+            assert core.handles[second].keep_cache
+            store.add("Outgoing/p.bin", b"two!")
+            core.listings.clear()  # as when the listing's TTL has passed
+            await core.lookup(outgoing, b"p.bin")
+            assert changed == [inode]
+            third = await core.open(inode, os.O_RDONLY)
+            assert not core.handles[third].keep_cache
+            assert await core.read(third, 0, 100) == b"two!"
+            nursery.cancel_scope.cancel()
+    trio.run(main)
