@@ -67,6 +67,10 @@ class Upload:
     def metadata(self) -> dict[str, str]:
         return {MTIME_META: f"{self.mtime:.9f}"} if self.mtime is not None else {}
 
+    def buffered(self) -> bytes:
+        """Everything written so far, while no part has been sent (`renameable`)."""
+        return bytes(self._buf)
+
     async def write(self, offset: int, data: bytes) -> int:
         if self._error:
             raise self._error
