@@ -145,10 +145,10 @@ class Staged:
         end = offset + len(data)
         async with self._lock:
             # Only blocks partly overwritten need the object's bytes around the new data.
-            if offset % BLOCK:
-                await self._fill(offset, offset + 1)
-            if end % BLOCK:
-                await self._fill(end - 1, end)
+            for edge in (offset, end):
+                if edge % BLOCK:
+                    head = edge - edge % BLOCK
+                    await self._fill(head, head + 1)  # the whole block around the edge
             os.pwrite(self._fd, data, offset)
         for block in range(offset // BLOCK, min((end + BLOCK - 1) // BLOCK, len(self._filled))):
             self._filled[block] = 1
