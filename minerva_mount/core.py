@@ -496,6 +496,7 @@ class Core:
         etag = await upload.finish()
         node = handle.node
         node.size, node.etag, node.mtime = upload.size, etag, upload.mtime
+        self.mtimes[upload.path] = (etag, upload.mtime)
         self._drop_pending(upload)
         self._forget_listing(node.parent_path)
         log.info("uploaded %s (%d bytes)", upload.path, upload.size)
@@ -601,21 +602,35 @@ class Core:
             raise Busy(f"{src} holds files being written")
         objects = await self.store.list_tree(src + "/")
         limiter = trio.CapacityLimiter(MAX_COPIES)
+        errors: list[MinervaError] = []
 
         async def bounded(fn, *args):
             async with limiter:
-                await fn(*args)
+                if not errors:
+                    try:
+                        await fn(*args)
+                    except MinervaError as exc:
+                        errors.append(exc)
+
+        async def move(info: ObjectInfo) -> None:
+            if info.path.endswith("/"):  # a folder marker: empty, made anew
+                await self.store.put(dst + info.path[len(src):], b"", {})
+            else:
+                await self.store.copy(info.path, dst + info.path[len(src):], info.size)
 
         # Every copy completes before the first delete: the new names show before old ones go.
         async with trio.open_nursery() as nursery:
             for info in objects:
-                nursery.start_soon(bounded, self.store.copy, info.path, dst + info.path[len(src):],
-                                   info.size)
+                nursery.start_soon(bounded, move, info)
+        if errors:
+            raise errors[0]
         if not objects:
             await self.store.put(dst + "/", b"", {})
         async with trio.open_nursery() as nursery:
             for info in objects:
                 nursery.start_soon(bounded, self.store.delete, info.path)
+        if errors:
+            raise errors[0]
         for path in [p for p in self.listings if p == src or p.startswith(src + "/")]:
             self._forget_listing(path)
 

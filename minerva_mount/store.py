@@ -195,20 +195,29 @@ class S3Store:
         upload_id = await self.create_multipart(dst, info.metadata)
         source = {"Bucket": self.bucket, "Key": self._key(src)}
         etags: dict[int, str] = {}
+        errors: list[MinervaError] = []
         limiter = trio.CapacityLimiter(4)
 
         async def copy_part(number: int, start: int, end: int) -> None:
             async with limiter:
-                r = await self._call("upload_part_copy", src, lambda c: c.upload_part_copy(
-                    Bucket=self.bucket, Key=self._key(dst), UploadId=upload_id, PartNumber=number,
-                    CopySource=source, CopySourceRange=f"bytes={start}-{end - 1}",
-                    CopySourceIfMatch=f'"{info.etag}"'))
+                if errors:
+                    return
+                try:
+                    r = await self._call("upload_part_copy", src, lambda c: c.upload_part_copy(
+                        Bucket=self.bucket, Key=self._key(dst), UploadId=upload_id, PartNumber=number,
+                        CopySource=source, CopySourceRange=f"bytes={start}-{end - 1}",
+                        CopySourceIfMatch=f'"{info.etag}"'))
+                except MinervaError as exc:
+                    errors.append(exc)
+                    return
                 etags[number] = r["CopyPartResult"]["ETag"]
 
         # A failure leaves the upload for the lifecycle rule: AbortMultipartUpload is not allowed.
         async with trio.open_nursery() as nursery:
             for number, start in enumerate(range(0, info.size, part), 1):
                 nursery.start_soon(copy_part, number, start, min(start + part, info.size))
+        if errors:
+            raise errors[0]
         return await self.complete_multipart(dst, upload_id, sorted(etags.items()))
 
     async def delete(self, path: str) -> None:
