@@ -33,6 +33,7 @@ class Settings:
     stop_timeout: float = 120.0
     credential_wait: float = 60.0
     debug_fuse: bool = False
+    cache_dir: str | None = None
 
 
 class MountError(Exception):
@@ -60,7 +61,8 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
         store = S3Store(provider, settings.s3_endpoint_url)
-        core = Core(store, nursery)
+        core = Core(store, nursery,
+                    staging_dir=os.path.join(settings.cache_dir, "staging") if settings.cache_dir else None)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
             options.add("allow_other")
@@ -85,6 +87,8 @@ async def _stop_on_signal(core: Core, stop_timeout: float) -> None:
             log.info("%s received: finishing %d uploads in progress, then unmounting",
                      signal.Signals(signum).name, len(core.pending))
             unfinished = await core.drain(stop_timeout)
+            for path in sorted(p for p, s in core.staged.items() if s.temporary and not s.opens):
+                log.warning("never uploaded: %s (a temporary name that was never renamed)", path)
             for path in unfinished:
                 log.error("not uploaded at stop (still open or failed): %s", path)
             pyfuse3.terminate()
