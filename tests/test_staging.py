@@ -246,3 +246,47 @@ def test_rename_onto_an_existing_name_replaces_it(run):
         assert store.objects["Incoming/b"][0] == b"new"
         assert store.objects["Incoming/b"][1].metadata[MTIME_META] == "1000"
     run(test)
+
+
+def test_failed_staged_upload_fails_close_with_eio_and_leaves_the_object(run):
+    async def test(core, store):
+        store.add("Incoming/keep.txt", b"original")
+        store.fail_kinds.add("put")
+        fh = await core.open(await inode_of(core, "Incoming/keep.txt"), os.O_WRONLY | os.O_APPEND)
+        await core.write(fh, 8, b"+more")
+        with pytest.raises(MinervaError) as info:
+            await core.flush(fh)
+        assert info.value.errno == errno.EIO
+        await core.release(fh)
+        assert store.objects["Incoming/keep.txt"][0] == b"original"
+        assert core.staged == {}
+    run(test)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_parts_go_up_in_parallel_with_a_bound(run, staged):
+    data = os.urandom(6 * MIN_PART)
+
+    async def test(core, store):
+        active, peak = 0, 0
+        upload_part = store.upload_part
+
+        async def slow_part(*args):
+            nonlocal active, peak
+            active += 1
+            peak = max(peak, active)
+            await trio.sleep(0.05)
+            active -= 1
+            return await upload_part(*args)
+        store.upload_part = slow_part
+        name = "Incoming/.big.bin.AbC123" if staged else "Incoming/big.bin"
+        fh = await create(core, name)
+        for offset in range(0, len(data), MIB):
+            await core.write(fh, offset, data[offset:offset + MIB])
+        await close(core, fh)
+        if staged:
+            incoming = await inode_of(core, "Incoming")
+            await core.rename(incoming, b".big.bin.AbC123", incoming, b"big.bin")
+        assert store.objects["Incoming/big.bin"][0] == data
+        assert peak == 4  # overlapping, and never more than 4 parts in memory
+    run(test)
