@@ -187,8 +187,10 @@ def test_copy_tools_keep_bytes_and_mtime(mount, local_minerva, observer, tmp_pat
             shutil.copy2(src / name, dst / name)
     else:
         subprocess.run(["mv", *[str(src / n) for n in files], str(dst)], check=True)
-    observer.stop()
     expected = {f"Incoming/{tool}/{n}": d for n, d in files.items()}
+    # An empty file goes up at release, which the kernel sends just after close() returns.
+    wait_for(lambda: len(local_minerva.keys("Incoming/")) == len(expected) + 1, "the empty file")
+    observer.stop()
     final_state(local_minerva, {**expected, f"Incoming/{tool}/": b""})
     observer.check({**{k: {len(d)} for k, d in expected.items()}, f"Incoming/{tool}/": {0}})
     for n, name in enumerate(files):
