@@ -27,7 +27,7 @@ import trio
 
 from .errors import MinervaError, StoreError
 from .store import MTIME_META, ObjectInfo
-from .writer import MAX_PARTS, MIN_PART, part_size
+from .writer import MAX_INFLIGHT, MAX_PARTS, MIN_PART, part_size
 
 log = logging.getLogger("minerva.staging")
 
@@ -61,7 +61,7 @@ class Staged:
     """One file's content on local disk: `base` is the object it started from (or None)."""
 
     def __init__(self, store, path: str, folder: str, base: ObjectInfo | None = None,
-                 max_inflight: int = 4):
+                 max_inflight: int = MAX_INFLIGHT):
         self.store = store
         self.path = path
         self.base = base

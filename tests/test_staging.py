@@ -5,6 +5,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
@@ -12,7 +13,7 @@ from minerva_mount.fakestore import FakeStore
 from minerva_mount.namespace import ROOT_INODE
 from minerva_mount.staging import BLOCK, is_temporary
 from minerva_mount.store import MTIME_META
-from minerva_mount.writer import MIN_PART
+from minerva_mount.writer import MAX_INFLIGHT, MIN_PART
 
 WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 MIB = 1 << 20
@@ -265,28 +266,44 @@ def test_failed_staged_upload_fails_close_with_eio_and_leaves_the_object(run):
 
 @pytest.mark.parametrize("staged", [False, True])
 def test_parts_go_up_in_parallel_with_a_bound(run, staged):
-    data = os.urandom(6 * MIN_PART)
+    data = os.urandom((MAX_INFLIGHT + 2) * MIN_PART)
 
     async def test(core, store):
-        active, peak = 0, 0
+        active, peak, gate = 0, 0, trio.Event()
         upload_part = store.upload_part
 
-        async def slow_part(*args):
+        async def held_part(*args):
             nonlocal active, peak
             active += 1
             peak = max(peak, active)
-            await trio.sleep(0.05)
+            await gate.wait()
             active -= 1
             return await upload_part(*args)
-        store.upload_part = slow_part
+        store.upload_part = held_part
         name = "Incoming/.big.bin.AbC123" if staged else "Incoming/big.bin"
-        fh = await create(core, name)
-        for offset in range(0, len(data), MIB):
-            await core.write(fh, offset, data[offset:offset + MIB])
-        await close(core, fh)
-        if staged:
-            incoming = await inode_of(core, "Incoming")
-            await core.rename(incoming, b".big.bin.AbC123", incoming, b"big.bin")
+        written = 0
+
+        async def writer():
+            nonlocal written
+            fh = await create(core, name)
+            for offset in range(0, len(data), MIB):
+                written += await core.write(fh, offset, data[offset:offset + MIB])
+            await close(core, fh)
+            if staged:
+                incoming = await inode_of(core, "Incoming")
+                await core.rename(incoming, b".big.bin.AbC123", incoming, b"big.bin")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(30):  # staged parts are read from disk in worker threads
+                while active < MAX_INFLIGHT:
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            # Parts overlap, and a fast writer waits instead of filling memory.
+            assert active == peak == MAX_INFLIGHT
+            if not staged:
+                assert written < len(data)
+            gate.set()
         assert store.objects["Incoming/big.bin"][0] == data
-        assert peak == 4  # overlapping, and never more than 4 parts in memory
+        assert peak == MAX_INFLIGHT
     run(test)
