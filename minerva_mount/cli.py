@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_const", const=True, help="let other users see the mount")
     p.add_argument("--log-file", help="log here (default: stderr in the foreground, "
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
-    p.add_argument("--cache-dir", help="block cache folder (env MINERVA_CACHE_DIR; default "
+    p.add_argument("--cache-dir", help="block cache and staging folder (env MINERVA_CACHE_DIR; default "
                    "$XDG_CACHE_HOME/minerva-mount)")
     p.add_argument("--cache-size", help="block cache cap, e.g. 512M or 10G (env MINERVA_CACHE_SIZE; "
                    "default 10G)")

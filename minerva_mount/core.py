@@ -13,11 +13,12 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cachetools
 import trio
 
+from .blockcache import default_cache_dir
 from .errors import (
     Exists,
     IsADirectory,
@@ -44,13 +45,15 @@ from .namespace import (
     shown_name,
 )
 from .reader import Blocks, Reader
+from .staging import Staged, is_temporary
 from .store import ObjectInfo
-from .writer import Upload
+from .writer import NotSequential, Upload
 
 log = logging.getLogger("minerva.core")
 
 DIR = None  # a listing entry that is a folder
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+MAX_COPIES = 8  # server-side copies in flight while a folder is renamed
 
 
 class Busy(MinervaError):
@@ -68,9 +71,13 @@ class Handle:
     upload: Upload | None = None
     keep_cache: bool = False  # the kernel may keep its page cache of this file (same ETag)
 
+    staged: Staged | None = None
+    writer: bool = False
+
 
 class Core:
-    def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None):
+    def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None,
+                 staging_dir: str | None = None):
         self.store = store
         self.nursery = nursery
         self.blocks = Blocks(store, nursery, cache)
@@ -83,6 +90,11 @@ class Core:
         self.completed = 0  # files uploaded since the mount started
         self.aliases: dict[str, str] = {}  # shown path -> object path, for shadowed files
         self._generations: dict[str, int] = {}  # folder -> count of changes, see _entries
+        self.staged: dict[str, Staged] = {}  # files changed through a local copy (staging.py)
+        self.staging_dir = staging_dir or str(default_cache_dir() / "staging")
+        # mtimes stored in metadata, which LIST does not return: path -> (etag, mtime), learnt
+        # at upload, HEAD and utimens, so `ls -l` shows them without a HEAD per file.
+        self.mtimes: cachetools.LRUCache = cachetools.LRUCache(maxsize=100_000)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
@@ -108,7 +120,8 @@ class Core:
                 elif name in entries:
                     shadowed.append(info)
                 else:
-                    entries[name] = info
+                    known = self.mtimes.get(info.path)
+                    entries[name] = replace(info, mtime=known[1]) if known and known[0] == info.etag else info
             self._show_shadowed(dir_path, entries, shadowed)
             if dir_path == "":
                 entries.setdefault(INCOMING, DIR)
@@ -122,6 +135,11 @@ class Core:
             parent, _, name = path.rpartition("/")
             if parent == dir_path:
                 result[name] = ObjectInfo(path, upload.size, upload.mtime or time.time(), "")
+        for path, staged in self.staged.items():
+            parent, _, name = path.rpartition("/")
+            if parent == dir_path:
+                mtime = staged.mtime or (staged.base.mtime if staged.base else time.time())
+                result[name] = ObjectInfo(path, staged.size, mtime, "")
         return result
 
     def _show_shadowed(self, dir_path: str, entries: dict, shadowed: list[ObjectInfo]) -> None:
@@ -215,22 +233,45 @@ class Core:
         upload = self.pending.get(node.path)
         if upload is not None:
             node.size = upload.size
+        staged = self.staged.get(node.path)
+        if staged is not None:
+            node.size = staged.size
+            node.mtime = staged.mtime or node.mtime
         return node
 
     async def setattr(self, inode: int, size: int | None = None, mtime: float | None = None) -> Node:
         """chmod/chown always succeed (not persisted); size and mtime apply to new files."""
         node = self._node(inode)
         upload = self.pending.get(node.path)
-        if size is not None:
-            if upload is not None:
+        staged = self.staged.get(node.path)
+        if size is not None and staged is None and upload is not None:
+            try:
                 await upload.truncate(size)
                 node.size = upload.size
-            elif size != node.size:
-                require_writable(node.path, "truncate")
-                raise NotSupported(f"truncate of uploaded file {node.path} is not supported yet")
+            except NotSequential:
+                staged = await self._restage(upload)
+        if size is not None and staged is not None:
+            await staged.truncate(size)
+            node.size = staged.size
+        elif size is not None and upload is None and size != node.size:
+            require_writable(node.path, "truncate")  # truncate by path: stage, change, upload
+            staged = await self._stage(node, keep=True)
+            staged.opens += 1
+            staged.writers += 1
+            try:
+                await staged.truncate(size)
+            finally:
+                staged.opens -= 1
+                staged.writers -= 1
+                await self._staged_closed(staged, node)
         if mtime is not None:
-            if upload is not None:
+            if staged is not None and node.path in self.staged:
+                staged.mtime = mtime
+            elif upload is not None and node.path in self.pending:
                 upload.mtime = mtime
+            elif node.etag:
+                # Already uploaded: shown from memory, not persisted (a copy would re-publish it).
+                self.mtimes[node.path] = (node.etag, mtime)
             node.mtime = mtime
         return node
 
@@ -291,12 +332,17 @@ class Core:
         node = self._node(inode)
         if node.is_dir:
             raise IsADirectory(node.path)
+        staged = self.staged.get(node.path)
         if flags & os.O_ACCMODE == os.O_RDONLY:
             if node.path in self.pending:
                 raise Busy(f"{node.path} is being written; it can be read once closed")
+            if staged is not None:  # being changed: read what the writers see
+                staged.opens += 1
+                return self._open_handle(Handle(node, staged=staged))
             if node.parent_path not in self.listings or not node.etag:
                 info = await self.store.head(self._key(node.path))
                 node.size, node.mtime, node.etag = info.size, info.mtime, info.etag
+                self.mtimes[node.path] = (info.etag, info.mtime)
             info = ObjectInfo(self._key(node.path), node.size, node.mtime, node.etag or "")
             keep = bool(info.etag) and self.page_cache_etags.get(inode) == info.etag
             if info.etag:
@@ -308,10 +354,66 @@ class Core:
                                "name can show: rename it to write it")
         if node.path in self.pending:
             raise Busy(f"{node.path} is already open for writing")
-        if not flags & os.O_TRUNC:
-            log.warning("refused: %s opened for writing without O_TRUNC (not supported yet)", node.path)
-            raise NotSupported(f"{node.path}: changing an uploaded file in place is not supported yet")
-        return self._start_upload(node)
+        if staged is None and self._streamable(node.path, flags):
+            return self._start_upload(node)
+        return await self._open_staged(node, flags, keep=not flags & os.O_TRUNC)
+
+    @staticmethod
+    def _streamable(path: str, flags: int) -> bool:
+        """A write-only truncating open of a final name streams; everything else stages."""
+        return (flags & os.O_ACCMODE == os.O_WRONLY and bool(flags & os.O_TRUNC)
+                and not is_temporary(path))
+
+    async def _stage(self, node: Node, keep: bool) -> Staged:
+        """The shared staging file of `node`, made (lazily filled from the object) if needed."""
+        staged = self.staged.get(node.path)
+        if staged is None:
+            base = None
+            if keep:
+                base = await self.store.head(node.path)
+                self.mtimes[node.path] = (base.etag, base.mtime)
+            staged = self.staged.setdefault(node.path, Staged(self.store, node.path, self.staging_dir, base))
+            self._busy()
+        return staged
+
+    async def _open_staged(self, node: Node, flags: int, keep: bool) -> int:
+        staged = await self._stage(node, keep)
+        if flags & os.O_TRUNC and staged.size:
+            await staged.truncate(0)
+            staged.written = False  # sent at the last close; a close() before any write (dd) is not the end
+        staged.opens += 1
+        staged.writers += 1
+        node.size = staged.size
+        return self._open_handle(Handle(node, staged=staged, writer=True))
+
+    async def _restage(self, upload: Upload) -> Staged:
+        """Move a new file that stopped being sequential from streaming to a staging file.
+
+        Possible while no part has been sent (the first part size, 8 MiB): all bytes are
+        still in memory. After that, the bytes sent exist only as parts of an upload that
+        cannot be read back, so the write fails with EOPNOTSUPP (logged).
+        """
+        if not upload.renameable:
+            log.warning("refused: non-sequential write to %s after %d bytes were streamed; write "
+                        "it front to back, or under a temporary name", upload.path, upload.size)
+            raise NotSupported(f"{upload.path}: non-sequential write after streaming began")
+        staged = Staged(self.store, upload.path, self.staging_dir, None)
+        await staged.write(0, upload.buffered())
+        staged.mtime = upload.mtime
+        self.staged[upload.path] = staged
+        self._drop_pending(upload)
+        self._busy()
+        for handle in self.handles.values():
+            if handle.upload is upload:
+                handle.upload, handle.staged, handle.writer = None, staged, True
+                staged.opens += 1
+                staged.writers += 1
+        upload.finished = True  # nothing of it will be sent
+        return staged
+
+    def _busy(self) -> None:
+        if self._idle.is_set():
+            self._idle = trio.Event()
 
     def _start_upload(self, node: Node) -> int:
         upload = Upload(self.store, node.path, self.nursery)
@@ -333,20 +435,31 @@ class Core:
             raise Busy(f"{path} is already open for writing")
         node = self.inodes.upsert(path, False, 0, time.time())
         node.lookups += 1
-        return self._start_upload(node), node
+        if path not in self.staged and self._streamable(path, flags | os.O_TRUNC):
+            return self._start_upload(node), node
+        return await self._open_staged(node, flags | os.O_TRUNC, keep=False), node
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles[fh]
+        if handle.staged is not None:
+            return await handle.staged.read(offset, size)
         if handle.reader is None:
             raise NotPermitted(f"{handle.node.path} was not opened for reading")
         return await handle.reader.read(offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
-        if handle.upload is None:
+        if handle.upload is not None:
+            try:
+                written = await handle.upload.write(offset, data)
+                handle.node.size = handle.upload.size
+                return written
+            except NotSequential:
+                await self._restage(handle.upload)
+        if handle.staged is None:
             raise NotPermitted(f"{handle.node.path} was not opened for writing")
-        written = await handle.upload.write(offset, data)
-        handle.node.size = handle.upload.size
+        written = await handle.staged.write(offset, data)
+        handle.node.size = handle.staged.size
         return written
 
     async def flush(self, fh: int) -> None:
@@ -358,11 +471,24 @@ class Core:
         handle = self.handles[fh]
         if handle.upload is not None and handle.upload.written:
             await self._publish(handle)
+        staged = handle.staged
+        # Sent when its only writer closes; with several writers, when the last one does.
+        if (staged is not None and handle.writer and staged.writers == 1 and staged.written
+                and not staged.failed and self._sendable(staged)):
+            await self._send_staged(staged, handle.node)
 
     async def release(self, fh: int) -> None:
         """The last descriptor is gone: publish a file that was never written (touch)."""
         handle = self.handles.pop(fh)
         upload = handle.upload
+        if handle.staged is not None:
+            handle.staged.opens -= 1
+            handle.staged.writers -= handle.writer
+            try:
+                await self._staged_closed(handle.staged, handle.node)
+            finally:
+                self.inodes.closed(handle.node)
+            return
         try:
             if upload is not None and not upload.finished and not upload.failed:
                 await self._publish(handle)
@@ -379,9 +505,46 @@ class Core:
         if self.pending.get(upload.path) is not upload:
             return False
         del self.pending[upload.path]
-        if not self.pending:
-            self._idle.set()
+        self._maybe_idle()
         return True
+
+    def _maybe_idle(self) -> None:
+        if not self.pending and not any(s.writers for s in self.staged.values()):
+            self._idle.set()
+
+    def _sendable(self, staged: Staged) -> bool:
+        """Still the file under its name, and not a temporary name kept back until renamed."""
+        return self.staged.get(staged.path) is staged and not staged.temporary
+
+    async def _send_staged(self, staged: Staged, node: Node) -> None:
+        try:
+            etag = await staged.upload()
+        except MinervaError as exc:
+            staged.failed = True
+            log.error("upload of %s failed: %s", staged.path, exc)
+            raise
+        self.mtimes[staged.path] = (etag, staged.mtime)
+        if node.path == staged.path:
+            node.size, node.etag, node.mtime = staged.size, etag, staged.mtime
+        self._forget_listing(staged.path.rpartition("/")[0])
+        log.info("uploaded %s (%d bytes, from a staging file)", staged.path, staged.size)
+
+    async def _staged_closed(self, staged: Staged, node: Node) -> None:
+        """A handle is gone; after the last one, upload what changed and free the disk space.
+
+        Temporary names stay staged (deferred) until a rename gives them a final name.
+        """
+        try:
+            if staged.writers == 0 and staged.dirty and not staged.failed and self._sendable(staged):
+                await self._send_staged(staged, node)
+        except MinervaError:
+            pass  # logged; close() already reported it, or this was a never-written file
+        if staged.opens == 0 and (self.staged.get(staged.path) is not staged or not staged.temporary
+                                  or staged.failed):
+            if self.staged.get(staged.path) is staged:
+                del self.staged[staged.path]
+            staged.close()
+        self._maybe_idle()
 
     async def _publish(self, handle: Handle) -> None:
         upload = handle.upload
@@ -390,6 +553,7 @@ class Core:
         etag = await upload.finish()
         node = handle.node
         node.size, node.etag, node.mtime = upload.size, etag, upload.mtime
+        self.mtimes[upload.path] = (etag, upload.mtime)
         self._drop_pending(upload)
         self._forget_listing(node.parent_path)
         self.completed += 1
@@ -402,6 +566,14 @@ class Core:
             raise IsADirectory(path)
         if path in self.pending:
             raise Busy(f"{path} is being written")
+        staged = self.staged.pop(path, None)
+        if staged is not None:
+            if staged.opens == 0:
+                staged.close()
+            self._maybe_idle()
+            if staged.base is None and staged.temporary:  # never reached S3
+                self.inodes.removed(path)
+                return
         await self.store.delete(self._key(path))
         self._forget_listing(self._dir(parent_inode).path)
         self.inodes.removed(path)
@@ -438,23 +610,85 @@ class Core:
             upload.path = dst
             self.pending[dst] = self.pending.pop(src)
             return
-        await self.store.copy(self._key(src), dst)  # the new name is visible before the old one goes
+        old = self.staged.pop(dst, None)  # a file replaced before it was sent
+        if old is not None and old.opens == 0:
+            old.close()
+        staged = self.staged.get(src)
+        if staged is not None:
+            await self._rename_staged(staged, src, dst)
+            return
+        node = self.inodes.find(src)
+        size = node.size if node is not None else None
+        etag = await self.store.copy(self._key(src), dst, size)  # the new name is visible before the old goes
         await self.store.delete(self._key(src))
+        known = self.mtimes.pop(src, None)
+        if known is not None and etag:
+            self.mtimes[dst] = (etag, known[1])
+
+    async def _rename_staged(self, staged: Staged, src: str, dst: str) -> None:
+        """A file held locally takes its new name locally; a final name gets it sent now."""
+        if staged.uploading:
+            raise Busy(f"{src} is being uploaded; rename it after it is closed")
+        if staged.base is not None:
+            # The object under the old name goes: keep its bytes locally first.
+            size = staged.base.size
+            await staged.fill_all()
+            await self.store.copy(src, dst, size)
+            await self.store.delete(src)
+            self.mtimes.pop(src, None)
+        staged.path = dst
+        self.staged[dst] = self.staged.pop(src)
+        if staged.opens > 0 or not self._sendable(staged):
+            return  # sent at its last close, or kept back while the name is temporary
+        try:
+            if staged.dirty:
+                await self._send_staged(staged, Node(0, dst, False))
+        except MinervaError:
+            staged.path, staged.failed = src, False  # keep it, under its old name, for a retry
+            self.staged[src] = self.staged.pop(dst)
+            raise
+        del self.staged[dst]
+        staged.close()
+        self._maybe_idle()
 
     async def _rename_dir(self, src: str, dst: str, target) -> None:
         if target is not False and target is not DIR:
             raise NotADirectory(dst)
         if target is DIR and await self.store.has_children(dst + "/"):
             raise NotEmpty(dst)
-        if any(p.startswith(src + "/") for p in self.pending):
+        if any(p.startswith(src + "/") for p in [*self.pending, *self.staged]):
             raise Busy(f"{src} holds files being written")
         objects = await self.store.list_tree(src + "/")
-        for info in objects:
-            await self.store.copy(info.path, dst + info.path[len(src):])
+        limiter = trio.CapacityLimiter(MAX_COPIES)
+        errors: list[MinervaError] = []
+
+        async def bounded(fn, *args):
+            async with limiter:
+                if not errors:
+                    try:
+                        await fn(*args)
+                    except MinervaError as exc:
+                        errors.append(exc)
+
+        async def move(info: ObjectInfo) -> None:
+            if info.path.endswith("/"):  # a folder marker: empty, made anew
+                await self.store.put(dst + info.path[len(src):], b"", {})
+            else:
+                await self.store.copy(info.path, dst + info.path[len(src):], info.size)
+
+        # Every copy completes before the first delete: the new names show before old ones go.
+        async with trio.open_nursery() as nursery:
+            for info in objects:
+                nursery.start_soon(bounded, move, info)
+        if errors:
+            raise errors[0]
         if not objects:
             await self.store.put(dst + "/", b"", {})
-        for info in objects:
-            await self.store.delete(info.path)
+        async with trio.open_nursery() as nursery:
+            for info in objects:
+                nursery.start_soon(bounded, self.store.delete, info.path)
+        if errors:
+            raise errors[0]
         for path in [p for p in self.listings if p == src or p.startswith(src + "/")]:
             self._forget_listing(path)
 

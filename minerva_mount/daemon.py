@@ -73,13 +73,13 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
         store = S3Store(provider, settings.s3_endpoint_url, retry_timeout=settings.s3_retry_timeout)
-        cache = BlockCache(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
-                           settings.cache_size)
+        cache_root = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        cache = BlockCache(cache_root, settings.cache_size)
         try:
             await cache.open()
         except OSError as exc:
             raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
-        core = Core(store, nursery, cache=cache)
+        core = Core(store, nursery, cache=cache, staging_dir=str(cache_root / "staging"))
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
@@ -129,6 +129,8 @@ async def _stop_on_signal(core: Core, stop_timeout: float, monitor: Monitor) -> 
                      signal.Signals(signum).name, len(core.pending))
             monitor.stopping()
             unfinished = await core.drain(stop_timeout)
+            for path in sorted(p for p, s in core.staged.items() if s.temporary and not s.opens):
+                log.warning("never uploaded: %s (a temporary name that was never renamed)", path)
             for path in unfinished:
                 log.error("not uploaded at stop (still open or failed): %s", path)
             pyfuse3.terminate()

@@ -90,12 +90,12 @@ class FakeStore:
         _, stored, metadata = self.uploads.pop(upload_id)
         return self.add(path, b"".join(stored[n] for n, _ in parts), metadata).etag
 
-    async def copy(self, src: str, dst: str) -> None:
+    async def copy(self, src: str, dst: str, size: int | None = None) -> str:
         await self._enter("copy")
         if src not in self.objects:
             raise NotFound(f"copy {src}")
         data, info = self.objects[src]
-        self.add(dst, data, info.metadata)
+        return self.add(dst, data, info.metadata).etag
 
     async def delete(self, path: str) -> None:
         await self._enter("delete")

@@ -86,6 +86,8 @@ class S3Store:
             user_agent_extra="minerva-mount",
         )
         self._client_for: tuple[Credentials, Any] | None = None
+        self.copy_part_above = 5 << 30  # CopyObject's limit
+        self.copy_part_size = 512 << 20
         self.requests: Counter[str] = Counter()
 
     @property
@@ -222,10 +224,50 @@ class S3Store:
             raise
         return r.get("ETag", "").strip('"')
 
-    async def copy(self, src: str, dst: str) -> None:
+    async def copy(self, src: str, dst: str, size: int | None = None) -> str:
+        """Server-side copy keeping the metadata; UploadPartCopy for objects above 5 GiB.
+
+        Returns the new object's ETag. `size` (from a listing) saves a HEAD for small objects.
+        """
+        if size is None or size > self.copy_part_above:
+            info = await self.head(src)
+            if info.size > self.copy_part_above:
+                return await self._copy_parts(src, dst, info)
         source = {"Bucket": self.bucket, "Key": self._key(src)}
-        await self._call("copy", src, lambda c: c.copy_object(
+        r = await self._call("copy", src, lambda c: c.copy_object(
             Bucket=self.bucket, Key=self._key(dst), CopySource=source))
+        return r.get("CopyObjectResult", {}).get("ETag", "").strip('"')
+
+    async def _copy_parts(self, src: str, dst: str, info: ObjectInfo) -> str:
+        """CopyObject stops at 5 GiB: copy ranges as parts of a multipart upload, 4 at a time."""
+        part = max(self.copy_part_size, -(-info.size // 10_000))
+        upload_id = await self.create_multipart(dst, info.metadata)
+        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        etags: dict[int, str] = {}
+        errors: list[MinervaError] = []
+        limiter = trio.CapacityLimiter(4)
+
+        async def copy_part(number: int, start: int, end: int) -> None:
+            async with limiter:
+                if errors:
+                    return
+                try:
+                    r = await self._call("upload_part_copy", src, lambda c: c.upload_part_copy(
+                        Bucket=self.bucket, Key=self._key(dst), UploadId=upload_id, PartNumber=number,
+                        CopySource=source, CopySourceRange=f"bytes={start}-{end - 1}",
+                        CopySourceIfMatch=f'"{info.etag}"'))
+                except MinervaError as exc:
+                    errors.append(exc)
+                    return
+                etags[number] = r["CopyPartResult"]["ETag"]
+
+        # A failure leaves the upload for the lifecycle rule: AbortMultipartUpload is not allowed.
+        async with trio.open_nursery() as nursery:
+            for number, start in enumerate(range(0, info.size, part), 1):
+                nursery.start_soon(copy_part, number, start, min(start + part, info.size))
+        if errors:
+            raise errors[0]
+        return await self.complete_multipart(dst, upload_id, sorted(etags.items()))
 
     async def delete(self, path: str) -> None:
         await self._call("delete", path, lambda c: c.delete_object(Bucket=self.bucket, Key=self._key(path)))

@@ -20,6 +20,7 @@ log = logging.getLogger("minerva.writer")
 
 MIN_PART = 8 << 20
 MAX_PARTS = 10_000
+MAX_INFLIGHT = 8  # parts in memory and on the wire per file (boto3's upload_file uses 10 threads)
 
 
 def part_size(number: int) -> int:
@@ -35,7 +36,7 @@ class NotSequential(MinervaError):
 
 
 class Upload:
-    def __init__(self, store, path: str, nursery: trio.Nursery, max_inflight: int = 4):
+    def __init__(self, store, path: str, nursery: trio.Nursery, max_inflight: int = MAX_INFLIGHT):
         self.store = store
         self.path = path
         self._nursery = nursery
@@ -70,6 +71,10 @@ class Upload:
     def metadata(self) -> dict[str, str]:
         return {MTIME_META: f"{self.mtime:.9f}"} if self.mtime is not None else {}
 
+    def buffered(self) -> bytes:
+        """Everything written so far, while no part has been sent (`renameable`)."""
+        return bytes(self._buf)
+
     async def write(self, offset: int, data: bytes) -> int:
         if self._error:
             raise self._error
@@ -101,7 +106,11 @@ class Upload:
         if self._next_part > MAX_PARTS:
             raise StoreError(f"{self.path} is larger than S3's 10,000-part limit allows")
         size = part_size(self._next_part)
-        data, self._buf = bytes(self._buf[:size]), self._buf[size:]
+        if len(self._buf) == size:  # the usual case (writes of 1 MiB): hand the buffer over
+            data, self._buf = self._buf, bytearray()
+        else:
+            data = self._buf[:size]
+            del self._buf[:size]
         number = self._next_part
         self._next_part += 1
         await self._slots.acquire()
