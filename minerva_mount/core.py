@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import cachetools
 import trio
 
+from . import openers
 from .blockcache import default_cache_dir
 from .errors import (
     Exists,
@@ -70,6 +71,7 @@ class Handle:
     reader: Reader | None = None
     upload: Upload | None = None
     keep_cache: bool = False  # the kernel may keep its page cache of this file (same ETag)
+    opener: int | None = None  # the process that opened it, see openers.py
 
     staged: Staged | None = None
     writer: bool = False
@@ -77,7 +79,7 @@ class Handle:
 
 class Core:
     def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None,
-                 staging_dir: str | None = None):
+                 staging_dir: str | None = None, mountpoint: str | None = None):
         self.store = store
         self.nursery = nursery
         self.blocks = Blocks(store, nursery, cache)
@@ -92,6 +94,8 @@ class Core:
         self._generations: dict[str, int] = {}  # folder -> count of changes, see _entries
         self.staged: dict[str, Staged] = {}  # files changed through a local copy (staging.py)
         self.staging_dir = staging_dir or str(default_cache_dir() / "staging")
+        self.mountpoint = mountpoint  # known to a real mount: lets flush ask /proc (openers.py)
+        self._proc_limiter = trio.CapacityLimiter(1)
         # mtimes stored in metadata, which LIST does not return: path -> (etag, mtime), learnt
         # at upload, HEAD and utimens, so `ls -l` shows them without a HEAD per file.
         self.mtimes: cachetools.LRUCache = cachetools.LRUCache(maxsize=100_000)
@@ -328,7 +332,17 @@ class Core:
         self.handles[fh] = handle
         return fh
 
-    async def open(self, inode: int, flags: int) -> int:
+    async def open(self, inode: int, flags: int, pid: int | None = None) -> int:
+        fh = await self._open(inode, flags)
+        self._note_opener(fh, pid)
+        return fh
+
+    def _note_opener(self, fh: int, pid: int | None) -> None:
+        handle = self.handles[fh]
+        if pid and self.mountpoint is not None and (handle.upload or handle.writer):
+            handle.opener = openers.process_of(pid)
+
+    async def _open(self, inode: int, flags: int) -> int:
         node = self._node(inode)
         if node.is_dir:
             raise IsADirectory(node.path)
@@ -422,7 +436,13 @@ class Core:
         node.size = 0
         return self._open_handle(Handle(node, upload=upload))
 
-    async def create(self, parent_inode: int, name: bytes, flags: int) -> tuple[int, Node]:
+    async def create(self, parent_inode: int, name: bytes, flags: int,
+                     pid: int | None = None) -> tuple[int, Node]:
+        fh, node = await self._create(parent_inode, name, flags)
+        self._note_opener(fh, pid)
+        return fh, node
+
+    async def _create(self, parent_inode: int, name: bytes, flags: int) -> tuple[int, Node]:
         path = self._new_path(parent_inode, name)
         require_writable(path, "create")
         entries = await self._entries(self._dir(parent_inode).path)
@@ -469,6 +489,8 @@ class Core:
         stdout and close the original first, so that flush is not the end of the file.
         """
         handle = self.handles[fh]
+        if await self._copy_still_open(handle):
+            return
         if handle.upload is not None and handle.upload.written:
             await self._publish(handle)
         staged = handle.staged
@@ -476,6 +498,17 @@ class Core:
         if (staged is not None and handle.writer and staged.writers == 1 and staged.written
                 and not staged.failed and self._sendable(staged)):
             await self._send_staged(staged, handle.node)
+
+    async def _copy_still_open(self, handle: Handle) -> bool:
+        """Whether the opener still holds the file: then this close was a forked child's copy."""
+        if self.mountpoint is None or handle.opener is None or not (handle.upload or handle.writer):
+            return False
+        target = os.path.join(self.mountpoint, handle.node.path)
+        held = await trio.to_thread.run_sync(
+            openers.holds_open, handle.opener, target, limiter=self._proc_limiter)
+        if held:
+            log.debug("close of a copy of %s; the opener still holds it", handle.node.path)
+        return held
 
     async def release(self, fh: int) -> None:
         """The last descriptor is gone: publish a file that was never written (touch)."""

@@ -79,7 +79,8 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             await cache.open()
         except OSError as exc:
             raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
-        core = Core(store, nursery, cache=cache, staging_dir=str(cache_root / "staging"))
+        core = Core(store, nursery, cache=cache, staging_dir=str(cache_root / "staging"),
+                    mountpoint=settings.mountpoint)
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:

@@ -127,12 +127,12 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode, flags, ctx):
-        fh = await self.core.open(inode, flags)
+        fh = await self.core.open(inode, flags, pid=ctx.pid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.core.handles[fh].keep_cache)
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, node = await self.core.create(parent_inode, name, flags)
+        fh, node = await self.core.create(parent_inode, name, flags, pid=ctx.pid)
         return pyfuse3.FileInfo(fh=fh), self._attr(node)
 
     @_handler

@@ -195,3 +195,22 @@ def _upload_started(mount) -> bool:
         return os.stat(mount.path / "Incoming" / "t.bin").st_size > 0
     except OSError:
         return False
+
+
+def test_a_childs_close_of_an_inherited_descriptor_publishes_nothing(mount, local_minerva):
+    target = mount.path / "Incoming" / "report.csv"
+    with open(target, "wb") as f:
+        f.write(b"header\n")
+        f.flush()
+        subprocess.run(["/bin/true"], stdout=f, check=True)  # the child closes its copy at exit
+        assert local_minerva.keys("Incoming/") == []
+        f.write(b"footer\n")
+    assert local_minerva.get("Incoming/report.csv") == b"header\nfooter\n"
+
+
+def test_shell_script_with_a_command_between_writes(mount, local_minerva):
+    for name, redirect in (("new.txt", ">"), ("new.txt", ">>")):  # streamed, then staged append
+        subprocess.run(["bash", "-c", f"{{ echo a; /bin/true; echo b; }} {redirect} Incoming/{name}"],
+                       cwd=mount.path, check=True)
+    assert local_minerva.get("Incoming/new.txt") == b"a\nb\na\nb\n"
+    assert local_minerva.keys("Incoming/") == ["Incoming/new.txt"]
