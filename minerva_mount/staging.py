@@ -40,7 +40,9 @@ TEMPORARY_NAMES = [
     (re.compile(r"\.goutputstream-[A-Za-z0-9]{6}"), "GIO (GNOME Files, gedit): replaced by a rename"),
     (re.compile(r"\..+\.sw[a-p]"), "vim swap files (.name.swp), deleted when the editor ends"),
     (re.compile(r".+~"), "editor backups (name~), written before saving and usually deleted"),
-    (re.compile(r"\..+\.[A-Za-z0-9]{6}"), "rsync's .name.XXXXXX, renamed when complete"),
+    # mkstemp's six characters; all-lowercase ones are taken as a real extension (.notes.backup),
+    # which a random suffix is with odds of 1 in 180.
+    (re.compile(r"\..+\.(?=[a-z]*[A-Z0-9])[A-Za-z0-9]{6}"), "rsync's .name.XXXXXX, renamed when complete"),
     (re.compile(r"\.~lock\..+#"), "LibreOffice lock files (.~lock.name#), deleted when closed"),
     (re.compile(r"~\$.+"), "Microsoft Office owner files (~$name), deleted when closed"),
 ]

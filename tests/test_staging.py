@@ -69,7 +69,7 @@ def test_temporary_names(name):
 
 @pytest.mark.parametrize("name", [
     "report.pdf", "part", ".bashrc", "data.csv", ".goutputstream-ABC", "a.swp", "~budget.docx",
-    "file.partial", ".hidden"])
+    "file.partial", ".hidden", ".notes.backup", ".config.yamlxx"])
 def test_final_names(name):
     assert not is_temporary("Incoming/" + name)
 
