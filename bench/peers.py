@@ -150,7 +150,12 @@ class Mount:
     log: Path
 
     def unmount(self) -> None:
-        fuse_unmount(self.path)
+        """As a user would (fusermount3 -u; the daemon then exits); if the mount is busy or the
+        daemon does not exit, SIGTERM it and detach the mount lazily."""
+        if os.path.ismount(self.path):
+            done = subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+            if done.returncode:
+                stop_process(self.proc, 10)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -20,6 +20,12 @@ def machine_text(info: dict) -> str:
     ])
 
 
+def load_text(doc: dict) -> str:
+    info = doc["machine"]
+    return (f"load average (1, 5, 15 min) before {info['load_before']}, after {info.get('load_after', '?')}; "
+            f"wall time {doc['wall_seconds'] / 60:.1f} min")
+
+
 def value(doc: dict, wid: str, column: str) -> float | None:
     cell = doc["results"].get(wid, {}).get(column)
     return cell.get("value") if cell else None
@@ -56,6 +62,7 @@ def table_text(doc: dict) -> str:
 
     text = [fmt(header), "  ".join("-" * n for n in widths), *map(fmt, lines)]
     text.append("(x) = the tool's figure / minerva-mount's on the same row")
+    text.append(load_text(doc))
     if not doc.get("page_cache_dropped", True):
         text.append("WARNING: the page cache could not be dropped (not root): cold figures are not cold")
     text += notes

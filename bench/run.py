@@ -115,6 +115,7 @@ class Bench:
         thread.start()
         thread.join(timeout + 15)
         if thread.is_alive():
+            w.kill_children()
             if mount is not None:
                 mount.abort()
             thread.join(30)
@@ -128,6 +129,7 @@ class Bench:
         try:
             self.record(wid, column, self.guarded(fn, timeout, mount))
         except KeyboardInterrupt:
+            w.kill_children()
             raise
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".strip()
@@ -311,6 +313,7 @@ def _sigterm(signum, frame):
 def main(argv=None) -> int:
     args, sizes = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="minerva-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     shm = Path("/dev/shm")
@@ -337,6 +340,7 @@ def main(argv=None) -> int:
         error = f"{type(e).__name__}: {e}"
         traceback.print_exc()
     finally:
+        w.kill_children()
         bench.cleanup.close()
         wall = time.monotonic() - bench.start
         shutil.rmtree(data, ignore_errors=True)
@@ -351,6 +355,7 @@ def main(argv=None) -> int:
         "peers": {n: {"command": p.describe(), "notes": p.notes} for n, p in bench.peers.items()},
         "columns": list(COLUMNS), "workloads": bench.rows, "results": bench.results,
     }
+    info["load_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     doc["targets"] = report.targets(doc)
     print(report.table_text(doc), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

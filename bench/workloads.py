@@ -137,11 +137,38 @@ def _check(condition: bool, message: str) -> None:
         raise RuntimeError(message)
 
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+#: Commands running now (dd, fio, cp, ...): killed by `kill_children` on Ctrl-C or a deadline.
+CHILDREN: set[subprocess.Popen] = set()
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    CHILDREN.add(proc)
     return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        CHILDREN.discard(proc)
+
+
+def kill_children() -> None:
+    for proc in list(CHILDREN):
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    proc = _start(argv)
+    out, err = _finish(proc, timeout)
+    if proc.returncode:
+        raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {err.strip()[-300:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def dd_read(path: Path, size: int, timeout: float) -> Sample:
@@ -204,15 +231,12 @@ def head_reads(root: Path, layout: Layout) -> Sample:
 def parallel_dd(root: Path, layout: Layout, timeout: float) -> Sample:
     size = layout.sizes.par_mib * MiB
     start = time.perf_counter()
-    procs = [subprocess.Popen(["dd", f"if={root / rel}", "of=/dev/null", "bs=1M"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for rel in layout.par]
+    procs = [_start(["dd", f"if={root / rel}", "of=/dev/null", "bs=1M"]) for rel in layout.par]
     try:
-        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        errs = [_finish(p, timeout)[1] for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _finish(p, 0)
     seconds = time.perf_counter() - start
     for p, err in zip(procs, errs, strict=True):
         got = re.search(r"^(\d+) bytes", err, re.M)
