@@ -77,15 +77,20 @@ class Layout:
         return self.data / rel
 
 
+_POOL = random.Random(0).randbytes(32 * MiB)
+
+
 def _write_random(path: Path, size: int, seed: int) -> None:
+    """Incompressible bytes, fast: each MiB is a slice of a random pool at an offset picked by
+    (seed, MiB number), tagged with both, so no two MiB are alike."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 * MiB)
-            f.write(rng.randbytes(n))
-            left -= n
+        for i in range(0, size, MiB):
+            n = min(MiB, size - i)
+            off = rng.randrange(len(_POOL) - MiB)
+            chunk = f"{seed:08d}:{i // MiB:08d}:".encode() + _POOL[off:off + MiB]
+            f.write(chunk[:n])
 
 
 def make_data(layout: Layout) -> None:
@@ -94,15 +99,12 @@ def make_data(layout: Layout) -> None:
     _write_random(layout.local(layout.big), s.big_mib * MiB, 1)
     for i, rel in enumerate(layout.par):
         _write_random(layout.local(rel), s.par_mib * MiB, 100 + i)
-    rng = random.Random(2)
-    for rel in layout.small:
-        path = layout.local(rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(s.small_kib * KiB))
+    for i, rel in enumerate(layout.small):
+        _write_random(layout.local(rel), s.small_kib * KiB, 1000 + i)
     _write_random(layout.write_big, s.write_mib * MiB, 3)
     layout.write_dir.mkdir(parents=True, exist_ok=True)
     for i in range(s.write_files):
-        (layout.write_dir / f"f{i:04d}.dat").write_bytes(rng.randbytes(s.write_file_kib * KiB))
+        _write_random(layout.write_dir / f"f{i:04d}.dat", s.write_file_kib * KiB, 100_000 + i)
 
 
 def put_objects(server, layout: Layout, threads: int = 32) -> None:
