@@ -117,3 +117,42 @@ def targets(doc: dict) -> list[dict]:
             out[-1]["detail"] = "figure missing" if mine is None or other is None else \
                 f"minerva {_fmt(mine)} s vs {_fmt(other)} s"
     return out
+
+
+def markdown(doc: dict) -> str:
+    """The table as Markdown, for bench/README.md's results section."""
+    info = doc["machine"]
+    cols = doc["columns"]
+    lines = [f"Command: `{doc['command']}` on `{info['checkout']}`, {doc['started']}, wall time "
+             f"{doc['wall_seconds'] / 60:.1f} min.",
+             f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gib']} GiB, "
+             f"kernel {info['kernel']}, {info['os']}; python {info['python']}, weed {info['weed']}, "
+             f"{info['s3fs']}, {info['rclone']}, {info['fio']}. "
+             f"Load average before {info['load_before']}, after {info.get('load_after', '?')}.",
+             "", "| workload | unit | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for row in doc["workloads"]:
+        cells = doc["results"].get(row["id"], {})
+        base = value(doc, row["id"], MINERVA)
+        out = []
+        for col in cols:
+            cell = cells.get(col)
+            if cell is None:
+                out.append("-")
+            elif "failed" in cell:
+                out.append("failed: " + cell["failed"].replace("|", "/")[:80])
+            elif col == MINERVA or not base:
+                out.append(f"**{_fmt(cell['value'])}**" if col == MINERVA else _fmt(cell["value"]))
+            else:
+                out.append(f"{_fmt(cell['value'])} ({cell['value'] / base:.2f}x)")
+        lines.append(f"| {row['title']} | {row['unit']} | " + " | ".join(out) + " |")
+    lines += ["", "Targets: " + "; ".join(f"{t['what']}: **{t['status']}**" for t in doc.get("targets", []))]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "latest.json"
+    print(markdown(json.loads(path.read_text())))
