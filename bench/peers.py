@@ -254,7 +254,10 @@ class MinervaPeer(Peer):
                 "--s3-endpoint-url", info["s3_endpoint"]]
         if self.fresh_cache:
             argv += ["--cache-dir", str(run_dir / "cache")]
-        return argv + list(self.extra), dict(os.environ)
+        # The user's own settings (config file, MINERVA_* variables) never reach the benchmark.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
+        env["XDG_CONFIG_HOME"] = str(self.work / "xdg-config")
+        return argv + list(self.extra), env
 
 
 class S3fsPeer(Peer):
