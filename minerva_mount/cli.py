@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground, "
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
+    p.add_argument("--metadata-ttl", type=float, default=30.0, metavar="SECONDS",
+                   help="how long folder listings and attributes are trusted (default %(default)s)")
+    p.add_argument("--refresh-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="how often folders in use are re-listed to show changes made elsewhere "
+                   "(default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each request")
     p.add_argument("--api-key-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -107,7 +112,8 @@ def mount_main(argv: list[str]) -> int:
         return _start_background(args, argv, key)
     setup_logging(args.log_file, args.verbose)
     settings = Settings(mountpoint=args.mountpoint, api_url=args.api_url,
-                        s3_endpoint_url=args.s3_endpoint_url, allow_other=args.allow_other)
+                        s3_endpoint_url=args.s3_endpoint_url, allow_other=args.allow_other,
+                        metadata_ttl=args.metadata_ttl, refresh_interval=args.refresh_interval)
 
     def ready() -> None:
         if args.ready_fd is not None:

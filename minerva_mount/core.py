@@ -15,7 +15,6 @@ import stat
 import time
 from dataclasses import dataclass
 
-import cachetools
 import trio
 
 from .errors import (
@@ -28,10 +27,9 @@ from .errors import (
     NotFound,
     NotPermitted,
 )
+from .listings import DIR, ListingCache
 from .namespace import (
-    INCOMING,
     MAX_KEY_BYTES,
-    OUTGOING,
     Area,
     InodeTable,
     Node,
@@ -40,7 +38,6 @@ from .namespace import (
     join,
     require_changeable,
     require_writable,
-    shown_name,
 )
 from .reader import Reader
 from .store import ObjectInfo
@@ -48,7 +45,6 @@ from .writer import Upload
 
 log = logging.getLogger("minerva.core")
 
-DIR = None  # a listing entry that is a folder
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
@@ -72,9 +68,9 @@ class Core:
         self.store = store
         self.nursery = nursery
         self.inodes = InodeTable()
-        self.listings: cachetools.TTLCache = cachetools.TTLCache(maxsize=512, ttl=listing_ttl)
         self.handles: dict[int, Handle] = {}
         self.pending: dict[str, Upload] = {}
+        self.listings = ListingCache(store, self.inodes, self.pending, ttl=listing_ttl)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
@@ -85,22 +81,7 @@ class Core:
     async def _entries(self, dir_path: str) -> dict[str, ObjectInfo | None]:
         entries = self.listings.get(dir_path)
         if entries is None:
-            listing = await self.store.list_dir(dir_path + "/" if dir_path else "")
-            entries = {}
-            for sub in listing.dirs:
-                name = sub.rstrip("/")
-                if shown_name(name):
-                    entries[name] = DIR
-            for info in listing.files:
-                name = info.path.rsplit("/", 1)[-1]
-                if not shown_name(name) or name in entries:
-                    log.info("not shown: object %r (name unusable or taken by a folder)", info.path)
-                    continue
-                entries[name] = info
-            if dir_path == "":
-                entries.setdefault(INCOMING, DIR)
-                entries.setdefault(OUTGOING, DIR)
-            self.listings[dir_path] = entries
+            entries = await self.listings.fetch(dir_path)
         result = dict(entries)
         for path, upload in self.pending.items():
             parent, _, name = path.rpartition("/")
@@ -109,7 +90,7 @@ class Core:
         return result
 
     def _forget_listing(self, dir_path: str) -> None:
-        self.listings.pop(dir_path, None)
+        self.listings.forget(dir_path)
 
     def _node_for(self, path: str, entry: ObjectInfo | None) -> Node:
         if entry is DIR:
@@ -137,6 +118,7 @@ class Core:
             raise NotFound("unusable name") from None
         entries = await self._entries(parent.path)
         if text not in entries:
+            self.listings.absent(parent.path, text)
             raise NotFound(join(parent.path, text))
         return join(parent.path, text), entries[text]
 
@@ -159,7 +141,7 @@ class Core:
 
     def remember(self, node: Node) -> None:
         """The kernel took a reference (readdirplus entry accepted)."""
-        node.lookups += 1
+        self.inodes.remember(node)
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
@@ -191,6 +173,7 @@ class Core:
         node = self._dir(inode)
         entries = await self._entries(node.path)
         fh = self._take_fh()
+        self.listings.opened(fh, node.path)
         self._dir_snapshots[fh] = [
             (name, self._node_for(join(node.path, name), entry))
             for name, entry in sorted(entries.items())
@@ -202,6 +185,7 @@ class Core:
 
     def releasedir(self, fh: int) -> None:
         self._dir_snapshots.pop(fh, None)
+        self.listings.closed(fh)
 
     async def mkdir(self, parent_inode: int, name: bytes) -> Node:
         path = self._new_path(parent_inode, name)

@@ -33,6 +33,8 @@ class Settings:
     stop_timeout: float = 120.0
     credential_wait: float = 60.0
     debug_fuse: bool = False
+    metadata_ttl: float = 30.0  # how long listings and attributes are trusted without a LIST
+    refresh_interval: float = 10.0  # how often folders in use are re-listed
 
 
 class MountError(Exception):
@@ -60,15 +62,18 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
         store = S3Store(provider, settings.s3_endpoint_url)
-        core = Core(store, nursery)
+        core = Core(store, nursery, listing_ttl=settings.metadata_ttl)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
             options.add("allow_other")
         if settings.debug_fuse:
             options.add("debug")
-        pyfuse3.init(Operations(core), settings.mountpoint, options)
+        operations = Operations(core)
+        pyfuse3.init(operations, settings.mountpoint, options)
         try:
             nursery.start_soon(_stop_on_signal, core, settings.stop_timeout)
+            nursery.start_soon(core.listings.refresh_loop, settings.refresh_interval)
+            nursery.start_soon(operations.notify_kernel)
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
                      settings.mountpoint)
             on_ready()

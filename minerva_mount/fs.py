@@ -11,15 +11,14 @@ import logging
 import os
 
 import pyfuse3
+import trio
 
+from . import xattrs
 from .core import Core, mode_of
-from .errors import MinervaError
+from .errors import MinervaError, NotFound
 from .namespace import Node
 
 log = logging.getLogger("minerva.fs")
-
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
 
 
 def _handler(method):
@@ -60,13 +59,38 @@ class Operations(pyfuse3.Operations):
         attr.st_blocks = (node.size + 511) // 512
         ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
-        attr.entry_timeout = ENTRY_TIMEOUT
-        attr.attr_timeout = ATTR_TIMEOUT
+        # The kernel keeps entries as long as the listing cache does; changes made elsewhere
+        # are pushed to it by notify_kernel.
+        attr.entry_timeout = attr.attr_timeout = self.core.listings.ttl
         return attr
 
     @_handler
     async def lookup(self, parent_inode, name, ctx):
-        return self._attr(await self.core.lookup(parent_inode, name))
+        try:
+            return self._attr(await self.core.lookup(parent_inode, name))
+        except NotFound:
+            absent = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches "no such file"
+            absent.entry_timeout = self.core.listings.ttl
+            return absent
+
+    async def notify_kernel(self) -> None:
+        """Tell the kernel what changed in S3 (a background task of the daemon's nursery).
+
+        Each call runs in a thread: the kernel may make it wait for a request on the same
+        folder, which this event loop must stay free to answer.
+        """
+        async for change in self.core.listings.changes:
+            try:
+                if change.kind == "changed":
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, change.inode,
+                                                  abandon_on_cancel=True)
+                else:
+                    deleted = change.inode if change.kind == "removed" else 0
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, change.parent_inode,
+                                                  change.name.encode(), deleted, abandon_on_cancel=True)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: the kernel held nothing to invalidate
+                    log.warning("could not invalidate %s in the kernel: %s", change, exc)
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
@@ -149,17 +173,21 @@ class Operations(pyfuse3.Operations):
             setattr(stats, name, value)
         return stats
 
+    @_handler
     async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        return xattrs.get(self.core, inode, name)
 
+    @_handler
     async def listxattr(self, inode, ctx):
-        return []
+        return xattrs.names(self.core, inode)
 
+    @_handler
     async def setxattr(self, inode, name, value, ctx):
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        xattrs.set_(name)
 
+    @_handler
     async def removexattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        xattrs.remove(name)
 
     async def symlink(self, parent_inode, name, target, ctx):
         log.warning("refused symlink %r: S3 has no links", name)
