@@ -47,15 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground, "
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
-    p.add_argument("--metadata-ttl", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--metadata-ttl", type=_seconds, default=30.0, metavar="SECONDS",
                    help="how long folder listings and attributes are trusted (default %(default)s)")
-    p.add_argument("--refresh-interval", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--refresh-interval", type=_seconds, default=10.0, metavar="SECONDS",
                    help="how often folders in use are re-listed to show changes made elsewhere "
                    "(default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each request")
     p.add_argument("--api-key-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return p
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a number of seconds above 0")
+    return value
 
 
 def read_key_file(path: Path) -> str:

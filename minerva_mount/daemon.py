@@ -79,6 +79,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             on_ready()
             await pyfuse3.main()
         finally:
+            operations.stop_notifying()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", settings.mountpoint)
         nursery.cancel_scope.cancel()

@@ -9,6 +9,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 
 import pyfuse3
 import trio
@@ -47,6 +48,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.core = core
         self.uid, self.gid = os.getuid(), os.getgid()
+        self._notify_lock = threading.Lock()
+        self._notifying = True
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -77,20 +80,31 @@ class Operations(pyfuse3.Operations):
         """Tell the kernel what changed in S3 (a background task of the daemon's nursery).
 
         Each call runs in a thread: the kernel may make it wait for a request on the same
-        folder, which this event loop must stay free to answer.
+        folder or file, which this event loop must stay free to answer.
         """
         async for change in self.core.listings.changes:
+            await trio.to_thread.run_sync(self._invalidate, change, abandon_on_cancel=True)
+
+    def _invalidate(self, change) -> None:
+        with self._notify_lock:
+            if not self._notifying:
+                return
             try:
                 if change.kind == "changed":
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, change.inode,
-                                                  abandon_on_cancel=True)
+                    pyfuse3.invalidate_inode(change.inode)
                 else:
                     deleted = change.inode if change.kind == "removed" else 0
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, change.parent_inode,
-                                                  change.name.encode(), deleted, abandon_on_cancel=True)
+                    pyfuse3.invalidate_entry(change.parent_inode, change.name.encode(), deleted)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:  # ENOENT: the kernel held nothing to invalidate
                     log.warning("could not invalidate %s in the kernel: %s", change, exc)
+
+    def stop_notifying(self, timeout: float = 5.0) -> None:
+        """Called before pyfuse3.close: no invalidation may reach a closed session."""
+        locked = self._notify_lock.acquire(timeout=timeout)
+        self._notifying = False
+        if locked:
+            self._notify_lock.release()
 
     async def forget(self, inode_list):
         for inode, count in inode_list:

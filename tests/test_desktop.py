@@ -274,9 +274,13 @@ def test_exports_appear_change_and_vanish_in_an_open_folder(local_minerva, mount
 def test_recently_listed_subfolder_is_kept_fresh(local_minerva, mount_factory):
     local_minerva.wipe()
     local_minerva.put("Outgoing/daily/2026-01-01.csv", b"1")
-    mount = mount_factory(extra=("--refresh-interval", "0.5"))
-    daily = mount.path / "Outgoing" / "daily"
-    assert os.listdir(daily) == ["2026-01-01.csv"]
-    local_minerva.put("Outgoing/daily/2026-01-02.csv", b"2")
-    wait_for(lambda: os.path.exists(daily / "2026-01-02.csv"), "the new export to be visible", timeout=30)
-    assert sorted(os.listdir(daily)) == ["2026-01-01.csv", "2026-01-02.csv"]
+    try:
+        mount = mount_factory(extra=("--refresh-interval", "0.5"))
+        daily = mount.path / "Outgoing" / "daily"
+        assert os.listdir(daily) == ["2026-01-01.csv"]
+        local_minerva.put("Outgoing/daily/2026-01-02.csv", b"2")
+        wait_for(lambda: os.path.exists(daily / "2026-01-02.csv"), "the new export to be visible",
+                 timeout=30)
+        assert sorted(os.listdir(daily)) == ["2026-01-01.csv", "2026-01-02.csv"]
+    finally:
+        delete_all(local_minerva, "Outgoing/daily")

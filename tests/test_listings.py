@@ -3,6 +3,7 @@
 import errno
 
 import trio
+import trio.testing
 from test_core import WRITE_NEW, expect_errno, inode_of, listing, run, write_file
 
 from minerva_mount.core import Core
@@ -45,15 +46,31 @@ def test_concurrent_lookups_in_a_cold_folder_share_one_list():
     run(test)
 
 
+class GatedStore(FakeStore):
+    """A FakeStore whose LISTs wait until `gate` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = trio.Event()
+
+    async def list_dir(self, path):
+        await self.gate.wait()
+        return await super().list_dir(path)
+
+
 def test_listing_taken_before_a_change_through_the_mount_is_not_cached():
-    async def test(core, store):
-        await inode_of(core, "Incoming")
+    async def main():
+        store = GatedStore()
         async with trio.open_nursery() as nursery:
+            core = Core(store, nursery, listing_ttl=30)
             nursery.start_soon(core.listings.fetch, "Incoming")
-            await trio.sleep(0)  # the LIST is in flight
+            await trio.testing.wait_all_tasks_blocked()  # the LIST is in flight
             core.listings.forget("Incoming")
+            store.gate.set()
         assert "Incoming" not in core.listings
-    run(test)
+        await core.listings.fetch("Incoming")
+        assert "Incoming" in core.listings
+    trio.run(main)
 
 
 def test_refresh_reports_what_the_kernel_may_hold():
