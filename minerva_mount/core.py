@@ -27,7 +27,7 @@ from .errors import (
     NotFound,
     NotPermitted,
 )
-from .listings import DIR, ListingCache
+from .listings import DIR, GONE, ListingCache
 from .namespace import (
     MAX_KEY_BYTES,
     Area,
@@ -193,7 +193,7 @@ class Core:
         if check_name(name) in await self._entries(self._dir(parent_inode).path):
             raise Exists(path)
         await self.store.put(path + "/", b"", {})
-        self._forget_listing(self._dir(parent_inode).path)
+        self.listings.update(self._dir(parent_inode).path, check_name(name), DIR)
         node = self.inodes.upsert(path, True, mtime=time.time())
         node.lookups += 1
         return node
@@ -206,7 +206,7 @@ class Core:
         if any(p.startswith(path + "/") for p in self.pending) or await self.store.has_children(path + "/"):
             raise NotEmpty(path)
         await self.store.delete(path + "/")
-        self._forget_listing(self._dir(parent_inode).path)
+        self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self._forget_listing(path)
         self.inodes.removed(path)
 
@@ -320,7 +320,8 @@ class Core:
         node = handle.node
         node.size, node.etag, node.mtime = upload.size, etag, upload.mtime
         self._drop_pending(upload)
-        self._forget_listing(node.parent_path)
+        info = ObjectInfo(node.path, node.size, node.mtime or time.time(), etag or "")
+        self.listings.update(node.parent_path, node.name, info)
         log.info("uploaded %s (%d bytes)", upload.path, upload.size)
 
     async def unlink(self, parent_inode: int, name: bytes) -> None:
@@ -331,7 +332,7 @@ class Core:
         if path in self.pending:
             raise Busy(f"{path} is being written")
         await self.store.delete(path)
-        self._forget_listing(self._dir(parent_inode).path)
+        self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.inodes.removed(path)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,

@@ -27,6 +27,7 @@ from .store import ObjectInfo
 log = logging.getLogger("minerva.listings")
 
 DIR = None  # a listing entry that is a folder
+GONE = object()  # for `update`: the name was removed
 Entries = dict[str, ObjectInfo | None]
 
 
@@ -123,6 +124,22 @@ class ListingCache(cachetools.TTLCache):
         self.pop(dir_path, None)
         if (fetch := self._inflight.get(dir_path)) is not None:
             fetch.stale = True
+
+    def update(self, dir_path: str, name: str, entry) -> None:
+        """A change made through the mount: patch the cached listing rather than list again.
+
+        `entry` is the new ObjectInfo, DIR, or GONE. Copying or deleting N files thus costs
+        no LIST per file. A LIST in flight may predate the change, so it is not cached.
+        """
+        if (fetch := self._inflight.get(dir_path)) is not None:
+            fetch.stale = True
+        entries = self.get(dir_path)  # patched in place: its age (TTL) stays that of the LIST
+        if entries is None:
+            return
+        if entry is GONE:
+            entries.pop(name, None)
+        else:
+            entries[name] = entry
 
     def clear(self) -> None:
         for fetch in self._inflight.values():

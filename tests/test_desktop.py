@@ -120,6 +120,23 @@ def test_created_file_is_found_after_a_negative_lookup(desktop, local_minerva):
     assert local_minerva.get("Incoming/later.txt") == b"now here\n"
 
 
+def test_copying_and_removing_many_files_lists_nothing(desktop, local_minerva, tmp_path):
+    names = [f"scan{n:02d}.tiff" for n in range(20)]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    incoming = desktop.path / "Incoming"
+    os.listdir(incoming)
+    sources = [str(tmp_path / name) for name in names]
+    assert cost(desktop, lambda: run("cp", *sources, str(incoming))) == {"put": 20}
+    listed = []
+    assert cost(desktop, lambda: listed.append(run("ls", "-l", str(incoming)))) == {}
+    assert [line.split()[-1] for line in listed[0].stdout.splitlines()[1:]] == names
+    assert sorted(local_minerva.keys()) == [f"Incoming/{name}" for name in names]
+    targets = [str(incoming / name) for name in names]
+    assert cost(desktop, lambda: run("gio", "remove", *targets)) == {"delete": 20}
+    assert local_minerva.keys() == [] and os.listdir(incoming) == []
+
+
 # ----- file-manager probes and status attributes ---------------------------------------------------
 
 
