@@ -1,25 +1,28 @@
-"""Command line: `minerva-mount MOUNTPOINT` and `minerva-mount local-server`.
+"""Command line: `minerva-mount [MOUNTPOINT]`, `status`, `unmount`, `install-service`, `local-server`.
 
 Without --foreground the command starts the daemon as a child process and returns once the
 mount is live (or prints why it is not). The API key reaches the child on its stdin, never
-through argv or the environment, so it cannot be read from /proc by other users.
+through argv or the environment, so it cannot be read from /proc by other users. Settings
+come from flags, `-o` options, the environment and the config file (config.py).
 """
 
 import argparse
 import logging
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
-import trio
+from . import config as configuration
+from .paths import default_log_file
 
-from .credentials import CredentialError
-from .daemon import MountError, Settings, serve
-
-DEFAULT_API_URL = "https://api.minerva.io"
 log = logging.getLogger("minerva.cli")
+EX_CONFIG = 78  # sysexits.h: the unit does not restart on it (RestartPreventExitStatus)
+SUBCOMMANDS = {
+    "status": "minerva_mount.commands.status:status_main",
+    "unmount": "minerva_mount.commands.status:unmount_main",
+    "install-service": "minerva_mount.commands.service:install_main",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,82 +31,87 @@ def main(argv: list[str] | None = None) -> int:
         from .local import server  # only needed for the local Minerva
 
         return server.main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module, _, function = SUBCOMMANDS[argv[0]].partition(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     return mount_main(argv)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minerva-mount",
+        usage="%(prog)s [options] [MOUNTPOINT]\n       %(prog)s status|unmount|install-service [MOUNTPOINT]",
         description="Mount your Minerva storage area (Incoming/, Outgoing/) as a local folder.",
-        epilog="Also: 'minerva-mount local-server --state-dir DIR' runs a local Minerva to try it.")
-    p.add_argument("mountpoint", help="an empty folder to mount on, e.g. ~/minerva")
+        epilog="Commands: 'status [MOUNTPOINT] [--json]' shows uploads, failures and credentials; "
+               "'unmount MOUNTPOINT' waits for uploads, then unmounts; 'install-service [MOUNTPOINT]' "
+               "sets up the systemd user service; 'local-server --state-dir DIR' runs a local Minerva "
+               "to try it. Settings: flags > environment > config file (--print-config shows them).")
+    # [SOURCE] MOUNTPOINT: mount.fuse3 (fstab type fuse.minerva-mount) passes a source first.
+    p.add_argument("places", nargs="*", metavar="MOUNTPOINT",
+                   help="an empty folder to mount on (default ~/minerva)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    p.add_argument("--api-url", default=os.environ.get("MINERVA_API_URL", DEFAULT_API_URL),
-                   help="Minerva API (env MINERVA_API_URL; default %(default)s)")
-    p.add_argument("--api-key-file", type=Path,
-                   help="file holding the API key, readable by you alone (or env MINERVA_API_KEY)")
-    p.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL_S3"),
-                   help="S3 endpoint, for the local Minerva (env AWS_ENDPOINT_URL_S3)")
-    p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
-    p.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground, "
+    p.add_argument("--api-url", help="Minerva API (env MINERVA_API_URL; default "
+                   f"{configuration.DEFAULT_API_URL})")
+    p.add_argument("--api-key-file", help="file holding the API key, readable by you alone "
+                   "(or env MINERVA_API_KEY)")
+    p.add_argument("--s3-endpoint-url", help="S3 endpoint, for the local Minerva (env AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--allow-other", action="store_const", const=True, help="let other users see the mount")
+    p.add_argument("--log-file", help="log here (default: stderr in the foreground, "
                    "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
-    p.add_argument("--metadata-ttl", type=_seconds, default=30.0, metavar="SECONDS",
-                   help="how long folder listings and attributes are trusted (default %(default)s)")
-    p.add_argument("--refresh-interval", type=_seconds, default=10.0, metavar="SECONDS",
+    p.add_argument("-v", "--verbose", "--debug", dest="debug", action="store_const", const=True,
+                   help="also log each request")
+    p.add_argument("--stop-timeout", type=float, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long open uploads may take to finish")
+    p.add_argument("--credential-wait", type=float, metavar="SECONDS",
+                   help="how long an operation waits for valid credentials while the Minerva API "
+                   "fails, before it fails with EIO (default 60)")
+    p.add_argument("--s3-retry-timeout", type=float, metavar="SECONDS",
+                   help="how long an S3 request is retried while S3 is unreachable or failing, "
+                   "before it fails with EIO (default 60)")
+    p.add_argument("--metadata-ttl", type=float, metavar="SECONDS",
+                   help="how long folder listings and attributes are trusted (default 30)")
+    p.add_argument("--refresh-interval", type=float, metavar="SECONDS",
                    help="how often folders in use are re-listed to show changes made elsewhere "
-                   "(default %(default)s)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each request")
+                   "(default 10)")
+    p.add_argument("-o", dest="options", action="append", metavar="KEY=VALUE,...",
+                   help="settings as mount options, e.g. -o allow_other,api_key_file=~/.minerva-key")
+    p.add_argument("--config", type=Path, help="config file (env MINERVA_CONFIG; default "
+                   "~/.config/minerva-mount/config.toml)")
+    p.add_argument("--print-config", action="store_true", help="show the effective settings and exit")
     p.add_argument("--api-key-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return p
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a number of seconds above 0")
-    return value
-
-
-def read_key_file(path: Path) -> str:
-    """The key, refusing a file others can read, as ssh refuses a loose private key."""
-    try:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SystemExit(f"minerva-mount: {path} is readable by others (mode "
-                             f"{stat.S_IMODE(mode):o}); run: chmod 600 {path}")
-        key = path.read_text().strip()
-    except OSError as exc:
-        raise SystemExit(f"minerva-mount: cannot read API key file {path}: {exc.strerror}") from None
-    if not key:
-        raise SystemExit(f"minerva-mount: API key file {path} is empty")
-    return key
-
-
-def resolve_key(args) -> str:
-    if args.api_key_stdin:
-        return sys.stdin.readline().strip()
-    if args.api_key_file:
-        return read_key_file(args.api_key_file)
-    key = os.environ.get("MINERVA_API_KEY", "").strip()
-    if not key:
-        raise SystemExit("minerva-mount: no API key: set MINERVA_API_KEY or pass --api-key-file FILE")
-    return key
-
-
-def default_log_file() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state) / "minerva-mount" / "minerva-mount.log"
+def load_config(args) -> configuration.Config:
+    if len(args.places) > 2:
+        raise configuration.ConfigError("expected at most [SOURCE] MOUNTPOINT")
+    flags = configuration.parse_mount_options(args.options)
+    for name in ("api_url", "api_key_file", "s3_endpoint_url", "allow_other", "log_file", "debug",
+                 "stop_timeout", "credential_wait", "s3_retry_timeout", "metadata_ttl",
+                 "refresh_interval"):
+        if getattr(args, name) is not None:
+            flags[name] = getattr(args, name)
+    if args.places:
+        flags["mountpoint"] = args.places[-1]
+    return configuration.load(flags, os.environ, args.config)
 
 
 def setup_logging(log_file: Path | None, verbose: bool) -> None:
+    """One line per event: time, level, logger, message (journald adds its own time)."""
     handler: logging.Handler
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_file.touch(mode=0o600)  # paths of your files are nobody else's business
         handler = logging.FileHandler(log_file)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        journal = bool(os.environ.get("JOURNAL_STREAM"))
+        fmt = ("" if journal else "%(asctime)s ") + "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -113,14 +121,30 @@ def setup_logging(log_file: Path | None, verbose: bool) -> None:
 
 def mount_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    args.mountpoint = os.path.abspath(os.path.expanduser(args.mountpoint))
-    key = resolve_key(args)
+    try:
+        config = load_config(args)
+        if args.print_config:
+            print(configuration.describe(config))
+            return 0
+        key = sys.stdin.readline().strip() if args.api_key_stdin else configuration.load_key(config)
+    except configuration.ConfigError as exc:
+        print(f"minerva-mount: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    args.mountpoint = str(config.mountpoint)
+    args.log_file = config.log_file
     if not args.foreground:
         return _start_background(args, argv, key)
-    setup_logging(args.log_file, args.verbose)
-    settings = Settings(mountpoint=args.mountpoint, api_url=args.api_url,
-                        s3_endpoint_url=args.s3_endpoint_url, allow_other=args.allow_other,
-                        metadata_ttl=args.metadata_ttl, refresh_interval=args.refresh_interval)
+    import trio  # the daemon's imports (boto3, pyfuse3) load only when mounting: status stays quick
+
+    from .credentials import CredentialError
+    from .daemon import MountError, Settings, serve
+
+    setup_logging(args.log_file, config.debug)
+    settings = Settings(mountpoint=args.mountpoint, api_url=config.api_url,
+                        s3_endpoint_url=config.s3_endpoint_url, allow_other=config.allow_other,
+                        stop_timeout=config.stop_timeout, credential_wait=config.credential_wait,
+                        s3_retry_timeout=config.s3_retry_timeout,
+                        metadata_ttl=config.metadata_ttl, refresh_interval=config.refresh_interval)
 
     def ready() -> None:
         if args.ready_fd is not None:
@@ -140,12 +164,16 @@ def mount_main(argv: list[str]) -> int:
             os.write(args.ready_fd, message.encode() + b"\n")
         if args.log_file:
             print(message, file=sys.stderr)
-        return 1
+        # A refused key or unusable mount point stays so; anything else may pass on restart.
+        return EX_CONFIG if isinstance(cause, MountError) or getattr(cause, "fatal", False) else 1
     return 0
 
 
 def _expected_failure(exc: BaseException) -> BaseException | None:
     """The configuration or credential error inside `exc` (trio wraps errors in groups)."""
+    from .credentials import CredentialError
+    from .daemon import MountError
+
     if isinstance(exc, CredentialError | MountError):
         return exc
     if isinstance(exc, BaseExceptionGroup):

@@ -29,7 +29,10 @@ from .errors import (
 )
 from .listings import DIR, GONE, ListingCache
 from .namespace import (
+    INCOMING,
     MAX_KEY_BYTES,
+    OUTGOING,
+    SHADOWED_SUFFIX,
     Area,
     InodeTable,
     Node,
@@ -38,6 +41,7 @@ from .namespace import (
     join,
     require_changeable,
     require_writable,
+    shown_name,
 )
 from .reader import Reader
 from .store import ObjectInfo
@@ -70,7 +74,10 @@ class Core:
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
         self.pending: dict[str, Upload] = {}
-        self.listings = ListingCache(store, self.inodes, self.pending, ttl=listing_ttl)
+        self.completed = 0  # files uploaded since the mount started
+        self.aliases: dict[str, str] = {}  # shown path -> object path, for shadowed files
+        self.listings = ListingCache(store, self.inodes, self.pending, ttl=listing_ttl,
+                                     convert=self._convert_listing)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
@@ -81,6 +88,8 @@ class Core:
     async def _entries(self, dir_path: str) -> dict[str, ObjectInfo | None]:
         entries = self.listings.get(dir_path)
         if entries is None:
+            # Not cached if the folder changes while the LIST is under way: that answer may
+            # predate the change (a file published meanwhile would vanish for a while).
             entries = await self.listings.fetch(dir_path)
         result = dict(entries)
         for path, upload in self.pending.items():
@@ -88,6 +97,49 @@ class Core:
             if parent == dir_path:
                 result[name] = ObjectInfo(path, upload.size, upload.mtime or time.time(), "")
         return result
+
+    def _convert_listing(self, dir_path: str, listing) -> dict[str, ObjectInfo | None]:
+        """One LIST answer as shown names: folders, files, aliases of shadowed files."""
+        entries = {}
+        for sub in listing.dirs:
+            name = sub.rstrip("/")
+            if shown_name(name):
+                entries[name] = DIR
+        shadowed = []
+        for info in listing.files:
+            name = info.path.rsplit("/", 1)[-1]
+            if not shown_name(name):
+                log.info("not shown: object %r (name unusable as a file name)", info.path)
+            elif name in entries:
+                shadowed.append(info)
+            else:
+                entries[name] = info
+        self._show_shadowed(dir_path, entries, shadowed)
+        if dir_path == "":
+            entries.setdefault(INCOMING, DIR)
+            entries.setdefault(OUTGOING, DIR)
+        return entries
+
+    def _show_shadowed(self, dir_path: str, entries: dict, shadowed: list[ObjectInfo]) -> None:
+        """Files whose name a folder also has ('a' and 'a/b'): shown as 'a (file)', read-only.
+
+        The folder keeps the plain name (it holds other files); the file stays readable,
+        deletable and renamable under the alias, so neither hides the other.
+        """
+        for alias in [p for p in self.aliases if p.rpartition("/")[0] == dir_path]:
+            del self.aliases[alias]
+        for info in shadowed:
+            alias = info.path.rsplit("/", 1)[-1] + SHADOWED_SUFFIX
+            if alias in entries or not shown_name(alias):
+                log.info("not shown: object %r (its name and its alias are taken)", info.path)
+                continue
+            log.info("shown as %r: object %r, whose name a folder also has", alias, info.path)
+            entries[alias] = info
+            self.aliases[join(dir_path, alias)] = info.path
+
+    def _key(self, path: str) -> str:
+        """The object path behind a shown path (differs only for shadowed files)."""
+        return self.aliases.get(path, path)
 
     def _forget_listing(self, dir_path: str) -> None:
         self.listings.forget(dir_path)
@@ -230,11 +282,14 @@ class Core:
             if node.path in self.pending:
                 raise Busy(f"{node.path} is being written; it can be read once closed")
             if node.parent_path not in self.listings or not node.etag:
-                info = await self.store.head(node.path)
+                info = await self.store.head(self._key(node.path))
                 node.size, node.mtime, node.etag = info.size, info.mtime, info.etag
-            info = ObjectInfo(node.path, node.size, node.mtime, node.etag or "")
+            info = ObjectInfo(self._key(node.path), node.size, node.mtime, node.etag or "")
             return self._open_handle(Handle(node, reader=Reader(self.store, info)))
         require_writable(node.path, "write")
+        if node.path in self.aliases:
+            raise NotPermitted(f"{node.path} stands for {self._key(node.path)}, which only a folder "
+                               "name can show: rename it to write it")
         if node.path in self.pending:
             raise Busy(f"{node.path} is already open for writing")
         if not flags & os.O_TRUNC:
@@ -322,6 +377,7 @@ class Core:
         self._drop_pending(upload)
         info = ObjectInfo(node.path, node.size, node.mtime or time.time(), etag or "")
         self.listings.update(node.parent_path, node.name, info)
+        self.completed += 1
         log.info("uploaded %s (%d bytes)", upload.path, upload.size)
 
     async def unlink(self, parent_inode: int, name: bytes) -> None:
@@ -331,7 +387,7 @@ class Core:
             raise IsADirectory(path)
         if path in self.pending:
             raise Busy(f"{path} is being written")
-        await self.store.delete(path)
+        await self.store.delete(self._key(path))
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.inodes.removed(path)
 
@@ -367,8 +423,8 @@ class Core:
             upload.path = dst
             self.pending[dst] = self.pending.pop(src)
             return
-        await self.store.copy(src, dst)  # the new name is visible before the old one goes
-        await self.store.delete(src)
+        await self.store.copy(self._key(src), dst)  # the new name is visible before the old one goes
+        await self.store.delete(self._key(src))
 
     async def _rename_dir(self, src: str, dst: str, target) -> None:
         if target is not False and target is not DIR:

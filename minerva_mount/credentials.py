@@ -187,7 +187,10 @@ class CredentialProvider:
                 self.last_error = exc
                 self._changed.set()
                 self._changed = trio.Event()
-                base = 60.0 if exc.fatal else min(2.0 ** failures, 30.0)
+                # Never wait longer than a quarter of what is left: short-lived sets (and
+                # an endpoint coming back) must not be missed by one long backoff.
+                left = self.current.seconds_left() if self.current else 0.0
+                base = 60.0 if exc.fatal else min(2.0 ** failures, 30.0, max(left / 4, 1.0))
                 await trio.sleep(base * random.uniform(0.5, 1.0))
 
     async def get(self) -> Credentials:

@@ -19,6 +19,8 @@ import trio
 from .core import Core
 from .credentials import CredentialProvider
 from .fs import Operations
+from .monitor import Monitor
+from .paths import UnsafeRuntimeDir, control_socket
 from .store import S3Store
 
 log = logging.getLogger("minerva.daemon")
@@ -32,6 +34,7 @@ class Settings:
     allow_other: bool = False
     stop_timeout: float = 120.0
     credential_wait: float = 60.0
+    s3_retry_timeout: float = 60.0
     debug_fuse: bool = False
     metadata_ttl: float = 30.0  # how long listings and attributes are trusted without a LIST
     refresh_interval: float = 10.0  # how often folders in use are re-listed
@@ -58,11 +61,16 @@ def prepare_mountpoint(path: str) -> None:
 
 async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) -> None:
     prepare_mountpoint(settings.mountpoint)
+    try:
+        socket_path = control_socket(settings.mountpoint)
+    except (UnsafeRuntimeDir, OSError) as exc:
+        raise MountError(f"no control socket: {exc}") from None
     provider = CredentialProvider(settings.api_url, api_key, wait_timeout=settings.credential_wait)
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.start)
-        store = S3Store(provider, settings.s3_endpoint_url)
+        store = S3Store(provider, settings.s3_endpoint_url, retry_timeout=settings.s3_retry_timeout)
         core = Core(store, nursery, listing_ttl=settings.metadata_ttl)
+        monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
             options.add("allow_other")
@@ -71,25 +79,30 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
         operations = Operations(core)
         pyfuse3.init(operations, settings.mountpoint, options)
         try:
-            nursery.start_soon(_stop_on_signal, core, settings.stop_timeout)
+            nursery.start_soon(_stop_on_signal, core, settings.stop_timeout, monitor)
+            await monitor.start(nursery)
             nursery.start_soon(core.listings.refresh_loop, settings.refresh_interval)
             nursery.start_soon(operations.notify_kernel)
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
                      settings.mountpoint)
             on_ready()
+            monitor.ready()
             await pyfuse3.main()
         finally:
+            monitor.stopping()
             operations.stop_notifying()
             pyfuse3.close(unmount=True)
+            monitor.close()
             log.info("unmounted %s", settings.mountpoint)
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(core: Core, stop_timeout: float) -> None:
+async def _stop_on_signal(core: Core, stop_timeout: float, monitor: Monitor) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s received: finishing %d uploads in progress, then unmounting",
                      signal.Signals(signum).name, len(core.pending))
+            monitor.stopping()
             unfinished = await core.drain(stop_timeout)
             for path in unfinished:
                 log.error("not uploaded at stop (still open or failed): %s", path)

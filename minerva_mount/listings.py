@@ -41,9 +41,8 @@ class Change:
     inode: int = 0  # the node the kernel may hold under `name` (0: none)
 
 
-async def read_listing(store, dir_path: str) -> Entries:
+def plain_entries(dir_path: str, listing) -> Entries:
     """One folder level from S3 as name -> ObjectInfo, or DIR for a sub-folder."""
-    listing = await store.list_dir(dir_path + "/" if dir_path else "")
     entries: Entries = {}
     for sub in listing.dirs:
         name = sub.rstrip("/")
@@ -79,9 +78,11 @@ class ListingCache(cachetools.TTLCache):
     """dir path -> complete listing, fresh for `ttl` seconds."""
 
     def __init__(self, store, inodes: InodeTable, pending: dict, ttl: float, maxsize: int = 512,
-                 watch_max: int = 64, watch_window: float = 600.0, channel_size: int = 4096):
+                 watch_max: int = 64, watch_window: float = 600.0, channel_size: int = 4096,
+                 convert=plain_entries):
         super().__init__(maxsize=maxsize, ttl=ttl)
         self._store = store
+        self._convert = convert  # (dir_path, Listing) -> Entries: the names the folder shows
         self._inodes = inodes
         self._pending = pending  # paths being written: their size is the writer's, not S3's
         self._inflight: dict[str, _Fetch] = {}
@@ -104,7 +105,8 @@ class ListingCache(cachetools.TTLCache):
             return fetch.entries
         fetch = self._inflight[dir_path] = _Fetch()
         try:
-            fetch.entries = await read_listing(self._store, dir_path)
+            listing = await self._store.list_dir(dir_path + "/" if dir_path else "")
+            fetch.entries = self._convert(dir_path, listing)
         except MinervaError as exc:
             fetch.error = exc
             raise
@@ -179,7 +181,8 @@ class ListingCache(cachetools.TTLCache):
 
     async def refresh_loop(self, interval: float) -> None:
         """Re-list folders in use so that changes made elsewhere show within `interval`."""
-        tick = max(interval / 4, 0.05)
+        interval = max(interval, 0.2)
+        tick = interval / 4
         while True:
             await trio.sleep(tick)
             await self.refresh_once(interval - tick)

@@ -18,6 +18,7 @@ ROOT_INODE = 1
 INCOMING, OUTGOING = "Incoming", "Outgoing"
 MAX_NAME_BYTES = 255
 MAX_KEY_BYTES = 1024 - 64  # S3's key limit, less room for the longest org prefix
+SHADOWED_SUFFIX = " (file)"  # shown after a file's name when a folder has the same name
 
 
 class Area(enum.Enum):

@@ -4,10 +4,17 @@ Paths here are relative to the org prefix ("Incoming/a.csv"); the prefix is adde
 place, `_key`, so no request can leave the org's area. Every boto3 call runs in a worker
 thread under one CapacityLimiter, signed with credentials fresh from the provider, and every
 failure comes back as a typed error carrying its errno.
+
+Retries are ours, not botocore's: a request that fails for a reason that may pass (connection
+refused or reset, timeout, 5xx, throttling) is sent again with exponential backoff and full
+jitter until `retry_timeout` seconds have passed since its first attempt, so an S3 outage
+shorter than that bound costs time, never an error. Every request is idempotent (parts carry
+their number, PUTs their whole body, GETs their range), so sending one twice is harmless.
 """
 
 import contextlib
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +24,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import trio
+import urllib3.exceptions
 
 from .credentials import CredentialProvider, Credentials
 from .errors import AccessDenied, MinervaError, NotFound, StoreError
@@ -24,6 +32,14 @@ from .errors import AccessDenied, MinervaError, NotFound, StoreError
 log = logging.getLogger("minerva.store")
 
 MTIME_META = "mtime"  # user metadata key (x-amz-meta-mtime), as s3fs and rclone use
+# Logged with every AccessDenied S3 answers: the test suite counts these and expects none,
+# since the client must never send a request outside the org prefix or the allowed actions.
+ACCESS_DENIED_MARKER = "S3-ACCESS-DENIED"
+RETRY_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
+    "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed", "OperationAborted",
+})
+FIRST_BACKOFF, MAX_BACKOFF = 0.2, 5.0
 
 
 @dataclass(frozen=True)
@@ -57,13 +73,14 @@ def _info(path: str, size: int, last_modified, etag: str, metadata=None) -> Obje
 
 class S3Store:
     def __init__(self, provider: CredentialProvider, endpoint_url: str | None = None,
-                 max_threads: int = 16):
+                 max_threads: int = 16, retry_timeout: float = 60.0):
         self._provider = provider
         self._endpoint_url = endpoint_url
         self._limiter = trio.CapacityLimiter(max_threads)
+        self.retry_timeout = retry_timeout
         self._config = botocore.config.Config(
             s3={"addressing_style": "path"},
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "total_max_attempts": 1},  # retries: see _call
             max_pool_connections=max_threads,
             connect_timeout=5, read_timeout=60,
             user_agent_extra="minerva-mount",
@@ -89,15 +106,38 @@ class S3Store:
         return self._client_for[1]
 
     async def _call(self, kind: str, path: str, fn: Callable[[Any], Any]):
-        creds = await self._provider.get()
-        client = self._client(creds)
-        self.requests[kind] += 1
-        try:
-            return await trio.to_thread.run_sync(fn, client, limiter=self._limiter)
-        except botocore.exceptions.ClientError as exc:
-            raise _map_client_error(exc, kind, path) from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise StoreError(f"{kind} {path}: S3 unreachable or failing ({type(exc).__name__})") from None
+        """Run `fn(client)` in a worker thread, retrying transient failures up to the bound."""
+        deadline = trio.current_time() + self.retry_timeout
+        backoff, attempts = FIRST_BACKOFF, 0
+        while True:
+            creds = await self._provider.get()  # per attempt: an outage may outlast a set
+            client = self._client(creds)
+            self.requests[kind] += 1
+            attempts += 1
+            log.debug("request %s %s", kind, path)
+            try:
+                result = await trio.to_thread.run_sync(fn, client, limiter=self._limiter)
+            except botocore.exceptions.ClientError as exc:
+                error = _map_client_error(exc, kind, path)
+                if not _retryable(exc):
+                    raise error from None
+            except botocore.exceptions.ParamValidationError as exc:
+                raise StoreError(f"{kind} {path}: invalid request ({exc})") from None
+            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+                error = StoreError(f"{kind} {path}: S3 unreachable or failing ({type(exc).__name__})")
+            else:
+                if attempts > 1:
+                    log.info("%s %s succeeded after %d attempts", kind, path, attempts)
+                return result
+            delay = random.uniform(0, backoff)  # full jitter: retries of many calls spread out
+            if trio.current_time() + delay > deadline:
+                log.error("%s; giving up after %d attempts in %.0f s (--s3-retry-timeout)",
+                          error, attempts, self.retry_timeout)
+                raise error
+            if attempts == 1:
+                log.warning("%s; retrying for up to %.0f s", error, self.retry_timeout)
+            await trio.sleep(delay)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def list_dir(self, path: str) -> Listing:
         """List one folder level with delimiter '/', following continuation tokens."""
@@ -169,8 +209,17 @@ class S3Store:
 
     async def complete_multipart(self, path: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
         doc = {"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in parts]}
-        r = await self._call("complete_multipart", path, lambda c: c.complete_multipart_upload(
-            Bucket=self.bucket, Key=self._key(path), UploadId=upload_id, MultipartUpload=doc))
+        try:
+            r = await self._call("complete_multipart", path, lambda c: c.complete_multipart_upload(
+                Bucket=self.bucket, Key=self._key(path), UploadId=upload_id, MultipartUpload=doc))
+        except NotFound:
+            # NoSuchUpload after a retry: the first attempt completed it and only its answer
+            # was lost. The object then carries a multipart ETag with our part count.
+            info = await self.head(path)
+            if info.etag.endswith(f"-{len(parts)}"):
+                log.info("%s: completed by an earlier attempt whose answer was lost", path)
+                return info.etag
+            raise
         return r.get("ETag", "").strip('"')
 
     async def copy(self, src: str, dst: str) -> None:
@@ -192,5 +241,12 @@ def _map_client_error(exc: botocore.exceptions.ClientError, kind: str, path: str
     if code in ("PreconditionFailed",) or status == 412:
         return ObjectChanged(what)
     if code == "AccessDenied":
+        log.error("%s %s", ACCESS_DENIED_MARKER, what)
         return AccessDenied(what)
     return StoreError(what)
+
+
+def _retryable(exc: botocore.exceptions.ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return code in RETRY_CODES or status >= 500 or status == 429

@@ -53,6 +53,9 @@ class Upload:
         self.written = False
         self.finished = False
         self.etag: str | None = None
+        self.uploaded = 0  # bytes S3 has acknowledged, for status and progress bars
+        self.started = time.monotonic()
+        self.closing = False  # finish() under way: `size` is now the final total
 
     @property
     def failed(self) -> bool:
@@ -109,6 +112,7 @@ class Upload:
     async def _upload_part(self, number: int, data: bytes) -> None:
         try:
             self._parts[number] = await self.store.upload_part(self.path, self._upload_id, number, data)
+            self.uploaded += len(data)
         except MinervaError as exc:
             self._error = self._error or exc
         except Exception as exc:  # a bug must surface as EIO at close, not kill the mount
@@ -126,9 +130,11 @@ class Upload:
             return self.etag
         if self.mtime is None:
             self.mtime = time.time()
+        self.closing = True
         try:
             if self._upload_id is None:
                 self.etag = await self.store.put(self.path, bytes(self._buf), self.metadata)
+                self.uploaded = self.size
             else:
                 if self._buf:
                     await self._send_part()

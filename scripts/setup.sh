@@ -6,6 +6,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr libglib2.0-bin)
+# systemd-analyze checks the user unit in the tests; containers often lack it.
+command -v systemd-analyze >/dev/null || packages+=(systemd)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -26,8 +28,8 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   [ -x .venv/bin/python ] || "$python" -m venv .venv
   echo "setup: installing the project into .venv (pyfuse3 builds from source)" >&2
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e ".[test]"
+  { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e ".[test]"; } >.venv/install.log 2>&1 \
+    || { tail -n 30 .venv/install.log >&2; echo "setup: pip install failed; see .venv/install.log" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -5,12 +5,14 @@ process must never serve a mount it also uses. Everything started here is stoppe
 and every mount unmounted with fusermount3, also when a test fails.
 """
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,20 @@ class LocalMinerva:
     def put(self, path: str, data: bytes) -> None:
         self.admin().put_object(Bucket=self.bucket, Key=self.prefix + path, Body=data)
 
+    def _control(self, route: str, body: dict) -> None:
+        request = urllib.request.Request(self.api_url + route, data=json.dumps(body).encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            assert answer.status == 200
+
+    def fault(self, mode: str) -> None:
+        """How the credential endpoint answers from now on: ok, 500, 401, 403, malformed, hang."""
+        self._control("/_local/fault", {"mode": mode})
+
+    def s3(self, state: str) -> None:
+        """Take the S3 server "down" (weed stopped) or back "up" (same ports, same data)."""
+        self._control("/_local/s3", {"state": state})
+
     def wipe(self) -> None:
         admin = self.admin()
         for prefix in (o["prefix"] for o in self.info["orgs"]):
@@ -103,10 +119,16 @@ class LocalMinerva:
 
 @pytest.fixture(scope="session")
 def local_minerva(tmp_path_factory) -> LocalMinerva:
-    state = tmp_path_factory.mktemp("local-minerva")
+    with running_local_minerva(tmp_path_factory.mktemp("local-minerva")) as local:
+        yield local
+
+
+@contextlib.contextmanager
+def running_local_minerva(state: Path, *args: str):
+    """A local Minerva server (extra `args`, e.g. --credential-lifetime 20), stopped by pid."""
     with open(state / "server.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "minerva_mount.local.server", "--state-dir", str(state)],
+            [sys.executable, "-m", "minerva_mount.local.server", "--state-dir", str(state), *args],
             stdout=log, stderr=subprocess.STDOUT)
     try:
         local_json = state / "local.json"
@@ -144,7 +166,8 @@ class Mount:
 
 def start_mount(local: LocalMinerva, path: Path, log_file: Path, key: str | None = None,
                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    path.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # also a dead mount left by a killed daemon
+        path.mkdir()
     key_file = local.key_file(key or local.info["api_key"], name=path.name)
     return subprocess.Popen(
         [sys.executable, "-m", "minerva_mount", str(path), "--foreground",
@@ -153,15 +176,35 @@ def start_mount(local: LocalMinerva, path: Path, log_file: Path, key: str | None
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+MOUNT_LOGS: list[Path] = []  # every mount's log, scanned for AccessDenied at the end
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_access_denied_anywhere():
+    """No request outside the org prefix or the allowed actions, in the whole suite.
+
+    The store logs every AccessDenied S3 answers with a fixed marker; the real service would
+    refuse such a request, so any of them is a bug even when the test that caused it passed.
+    """
+    yield
+    from minerva_mount.store import ACCESS_DENIED_MARKER
+
+    found = [f"{log}: {line}" for log in MOUNT_LOGS if log.exists()
+             for line in log.read_text(errors="replace").splitlines() if ACCESS_DENIED_MARKER in line]
+    assert not found, "S3 answered AccessDenied:\n" + "\n".join(found[:20])
+
+
 @pytest.fixture
 def mount_factory(local_minerva, tmp_path):
     mounts: list[Mount] = []
 
-    def make(key: str | None = None, name: str = "mnt", extra: tuple[str, ...] = ()) -> Mount:
+    def make(key: str | None = None, name: str = "mnt", extra: tuple[str, ...] = (),
+             local: LocalMinerva | None = None) -> Mount:
         path, log_file = tmp_path / name, tmp_path / f"{name}.log"
-        proc = start_mount(local_minerva, path, log_file, key, extra)
+        proc = start_mount(local or local_minerva, path, log_file, key, extra)
         mount = Mount(path, proc, log_file)
         mounts.append(mount)
+        MOUNT_LOGS.append(log_file)
 
         def live():
             if proc.poll() is not None:
@@ -174,6 +217,10 @@ def mount_factory(local_minerva, tmp_path):
     for mount in mounts:
         if mount.proc.poll() is None or os.path.ismount(mount.path):
             mount.unmount()
+        try:
+            os.stat(mount.path)
+        except OSError:  # a dead mount ('Transport endpoint is not connected') after a kill
+            subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False, capture_output=True)
 
 
 @pytest.fixture

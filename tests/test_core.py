@@ -200,3 +200,35 @@ def test_unusable_object_names_are_hidden_not_fatal():
         store.add("Outgoing/ok.txt", b"ok")
         assert listing(core, await core.opendir(await inode_of(core, "Outgoing"))) == ["ok.txt"]
     run(test)
+
+
+def test_a_listing_that_started_before_a_publish_is_not_cached():
+    """A LIST answered before a file was published must not hide that file afterwards."""
+    async def test(core, store):
+        incoming = await inode_of(core, "Incoming")
+        # Opened before the LIST starts: a create in the same folder would wait for that
+        # LIST (one LIST in flight per folder) rather than list again.
+        fh_new, _ = await core.create(incoming, b"new.txt", WRITE_NEW)
+        started, release = trio.Event(), trio.Event()
+        list_dir = store.list_dir
+
+        async def slow_list(path):
+            listing = await list_dir(path)  # the answer as of now, before the publish
+            if not started.is_set():  # only the first LIST is slow
+                started.set()
+                await release.wait()
+            return listing
+
+        store.list_dir = slow_list
+        async with trio.open_nursery() as inner:
+            core._forget_listing("Incoming")
+            inner.start_soon(core.opendir, incoming)
+            await started.wait()
+            await core.write(fh_new, 0, b"new")
+            await core.flush(fh_new)  # publishes while the LIST is under way
+            await core.release(fh_new)
+            release.set()
+        store.list_dir = list_dir
+        fh = await core.opendir(incoming)
+        assert "new.txt" in [name for name, _ in core.readdir(fh, 0)]
+    run(test)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -139,11 +140,19 @@ def _comm(pid: int) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Any thread of `pid` still runs (a zombie leader can outlive its other threads)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except FileNotFoundError:
         return False
-    return state != "Z"
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -427,6 +436,39 @@ def test_fault_rejects_unknown_mode(local: Local) -> None:
     assert call(local.api_url, "/_local/fault", method="GET")[1] == {"mode": "ok"}
 
 
+def test_s3_down_refuses_connections_and_up_brings_back_the_same_endpoint_and_data(
+    local: Local,
+) -> None:
+    s3 = admin_s3(local)
+    key = f"acme/outage-{uuid.uuid4().hex}"
+    s3.put_object(Bucket=local.info["bucket"], Key=key, Body=b"kept")
+    old_weed = weed_pid(local)
+    assert call(local.api_url, "/_local/s3", data={"state": "down"}, timeout=60)[:2] == (
+        200,
+        {"state": "down"},
+    )
+    try:
+        unreachable = boto3.session.Session().client(
+            "s3",
+            endpoint_url=local.info["s3_endpoint"],
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+            **local.info["admin"],
+        )
+        with pytest.raises(botocore.exceptions.EndpointConnectionError):
+            unreachable.get_object(Bucket=local.info["bucket"], Key=key)
+        assert local.proc.poll() is None  # the server stays up while S3 is down
+    finally:
+        status = call(local.api_url, "/_local/s3", data={"state": "up"}, timeout=120)[0]
+    assert status == 200
+    assert weed_pid(local) != old_weed
+    body = s3.get_object(Bucket=local.info["bucket"], Key=key)["Body"].read()
+    assert body == b"kept"
+    creds = fetch(local)  # STS works again too
+    assert s3_for(local, creds).get_object(Bucket=local.info["bucket"], Key=key)["Body"].read() == b"kept"
+    assert call(local.api_url, "/_local/s3", data={"state": "sideways"})[0] == 400
+
+
 # -- hygiene ----------------------------------------------------------------------------------
 
 
@@ -515,9 +557,23 @@ def test_restart_keeps_keys_and_data_then_stops_cleanly(tmp_path: Path) -> None:
         wait_until(lambda: not pid_alive(weed), 30, "weed to exit after its parent was killed")
     finally:
         stop_server(second.proc)
-        ports_record = (state_dir / "seaweed" / PORTS_RECORD).read_text()
-        forget_previous_run(state_dir / "seaweed")  # the /tmp sockets no one could clean
-    assert leftover_sockets(json.loads(ports_record)) == []
+    # weed could not clean its /tmp sockets; the next start on this state dir does, once
+    # nothing listens on them any more (the kernel closes them a moment after the exit).
+    ports = json.loads((state_dir / "seaweed" / PORTS_RECORD).read_text())
+    wait_until(lambda: not _sockets_listening(ports), 30, "the killed weed's sockets to close")
+    forget_previous_run(state_dir / "seaweed")
+    assert leftover_sockets(ports) == []
+
+
+def _sockets_listening(ports: list[int]) -> bool:
+    for path in leftover_sockets(ports):
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(path))
+            except OSError:
+                continue
+        return True
+    return False
 
 
 def leftover_sockets(where: Path | list[int]) -> list[Path]:

@@ -17,6 +17,10 @@ these routes also refuse non-loopback peers:
   have passed (then the connection is closed without an answer).
   Answers 200 `{"mode": M}`, or 400 for an unknown mode.
 - `GET /_local/fault` answers 200 `{"mode": M}` with the current mode.
+- `POST /_local/s3` with body `{"state": "down"}` stops the S3 server (weed) as an outage
+  does: new connections are refused, open ones are cut. `{"state": "up"}` starts it again on
+  the same ports with the same data and answers once it serves requests. Answers 200
+  `{"state": S}`, 400 for an unknown state, 500 if weed does not come back.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ ERRORS = {
     ),
 }
 
-ROUTES = {"/storage/boto": ("POST",), "/_local/fault": ("GET", "POST")}
+ROUTES = {"/storage/boto": ("POST",), "/_local/fault": ("GET", "POST"), "/_local/s3": ("POST",)}
+S3_STATES = ("down", "up")
 
 
 class FaultState:
@@ -99,6 +104,7 @@ class Endpoint:
     credential_lifetime: int
     mint: Callable[[Org], dict[str, Any]]  # boto3 STS "Credentials" dict
     fault: FaultState
+    s3_control: Callable[[str], None] | None = None  # "down" / "up": stop or restart weed
 
     def classify(self, api_key: str | None) -> Org | int:
         """The key's org, or 401 (missing/unknown) or 403 (known, not entitled)."""
@@ -196,6 +202,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(403, error_body(403))
         elif self.command == "GET":
             self._send_json(200, {"mode": self.server.endpoint.fault.mode})
+        elif path == "/_local/s3":
+            self._set_s3(body)
         else:
             self._set_fault(body)
 
@@ -251,6 +259,24 @@ class Handler(BaseHTTPRequestHandler):
         self.server.endpoint.fault.set(mode)
         log.info("fault mode set to %s", mode)
         self._send_json(200, {"mode": mode})
+
+    def _set_s3(self, body: bytes) -> None:
+        try:
+            state = json.loads(body or b"{}").get("state")
+        except (ValueError, AttributeError):
+            state = None
+        control = self.server.endpoint.s3_control
+        if state not in S3_STATES or control is None:
+            self._send_json(400, error_body(400) | {"states": list(S3_STATES)})
+            return
+        try:
+            control(state)
+        except Exception as e:
+            log.warning("S3 %s failed: %s", state, e)
+            self._send_json(500, error_body(500))
+            return
+        log.info("S3 server is %s", state)
+        self._send_json(200, {"state": state})
 
     # -- output -------------------------------------------------------------------------
 

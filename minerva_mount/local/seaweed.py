@@ -257,9 +257,24 @@ class Seaweed:
                 self.stop()
                 raise
 
-    def _spawn(self, weed: str, s3_path: Path, iam_path: Path) -> None:
+    def down(self) -> None:
+        """Take S3 down as an outage does: stop weed, keeping its ports and data for `up`."""
+        self.stop()
+
+    def up(self, timeout: float = 60) -> None:
+        """Start weed again on the ports it had, so clients reconnect to the same endpoint."""
+        if self.proc is not None:
+            return
+        self._spawn(find_weed(), self.state_dir / "s3.json", self.state_dir / "iam.json", self.ports)
+        try:
+            self._wait_ready(lambda: False, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, weed: str, s3_path: Path, iam_path: Path, ports: Ports | None = None) -> None:
         forget_previous_run(self.data_dir)
-        self.ports = ports = pick_ports()
+        self.ports = ports = ports or pick_ports()
         (self.data_dir / PORTS_RECORD).write_text(json.dumps(dataclasses.astuple(ports)))
         args = [
             weed,

@@ -18,10 +18,12 @@ Usage: python -m minerva_mount.local.server --state-dir DIR [--credential-lifeti
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import fcntl
 import json
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -66,6 +68,34 @@ def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
     return restore
+
+
+class _MainThreadCalls:
+    """Calls from request threads, run by the main loop.
+
+    weed is started with PR_SET_PDEATHSIG, which fires when the *thread* that started it
+    exits: a weed restarted from a short-lived HTTP request thread would be stopped as soon as
+    that request is answered. So restarts happen on the main thread, which lives as long as
+    the server.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.Queue[tuple[Callable[[], None], concurrent.futures.Future]] = queue.Queue()
+
+    def call(self, fn: Callable[[], None], timeout: float = 120) -> None:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, done))
+        done.result(timeout)
+
+    def run_pending(self, timeout: float) -> None:
+        try:
+            fn, done = self._calls.get(timeout=timeout)
+        except queue.Empty:
+            return
+        try:
+            done.set_result(fn())
+        except Exception as e:
+            done.set_exception(e)
 
 
 def _local_json(
@@ -117,6 +147,7 @@ def _run(state_dir: Path, credential_lifetime: int, api_port: int) -> int:
     restore_signals = _install_stop_handlers(stop)
     weed: Seaweed | None = None
     api: EndpointServer | None = None
+    main_thread = _MainThreadCalls()
     try:
         secrets = load_or_create_secrets(state_dir)
         weed = Seaweed(state_dir, secrets, credential_lifetime)
@@ -128,6 +159,7 @@ def _run(state_dir: Path, credential_lifetime: int, api_port: int) -> int:
             credential_lifetime=credential_lifetime,
             mint=weed.assume_org_role,
             fault=FaultState(),
+            s3_control=lambda state: main_thread.call(weed.down if state == "down" else weed.up),
         )
         try:
             api = EndpointServer(endpoint, api_port)  # bind first: a taken port fails fast
@@ -152,7 +184,8 @@ def _run(state_dir: Path, credential_lifetime: int, api_port: int) -> int:
             flush=True,
         )
 
-        while not stop.wait(1.0):
+        while not stop.is_set():
+            main_thread.run_pending(timeout=0.5)
             code = weed.exited()
             if code is not None:
                 _say(f"weed exited unexpectedly with code {code}; see {weed.log_path}")

@@ -1,0 +1,268 @@
+"""Effective settings from flags, `-o` options, environment and a TOML file, in that order.
+
+Flags (and `-o key=value` mount-helper options, which are flags by another spelling) win over
+environment variables, which win over the config file, which wins over the defaults. Each
+value remembers where it came from, so `--print-config` can say why a setting is what it is.
+The API key is never a setting: it comes from MINERVA_API_KEY, a key file only its owner can
+read, or systemd credentials, and is shown masked.
+"""
+
+import os
+import stat
+import tomllib
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import paths
+
+DEFAULT_API_URL = "https://api.minerva.io"
+CREDENTIAL_NAME = "minerva-api-key"  # LoadCredential=minerva-api-key:... in the unit
+
+
+class ConfigError(Exception):
+    """A setting cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type
+    env: tuple[str, ...]
+    default: Any
+    help: str
+
+
+SETTINGS = (
+    Setting("mountpoint", Path, ("MINERVA_MOUNTPOINT",), "~/minerva", "the folder to mount on"),
+    Setting("api_url", str, ("MINERVA_API_URL",), DEFAULT_API_URL, "Minerva API"),
+    Setting("api_key_file", Path, ("MINERVA_API_KEY_FILE",), None,
+            "file holding the API key, readable by you alone"),
+    Setting("s3_endpoint_url", str, ("MINERVA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"), None,
+            "S3 endpoint (the local Minerva's); AWS when unset"),
+    Setting("allow_other", bool, ("MINERVA_ALLOW_OTHER",), False, "let other users see the mount"),
+    Setting("log_file", Path, ("MINERVA_LOG_FILE",), None,
+            "log file (default: stderr in the foreground, the state dir otherwise)"),
+    Setting("debug", bool, ("MINERVA_DEBUG",), False, "request-level logs"),
+    Setting("stop_timeout", float, ("MINERVA_STOP_TIMEOUT",), 900.0,
+            "seconds to let uploads finish at stop"),
+    Setting("credential_wait", float, ("MINERVA_CREDENTIAL_WAIT",), 60.0,
+            "seconds an operation waits for valid credentials while the Minerva API fails"),
+    Setting("s3_retry_timeout", float, ("MINERVA_S3_RETRY_TIMEOUT",), 60.0,
+            "seconds an S3 request is retried while S3 is unreachable or failing"),
+    Setting("metadata_ttl", float, ("MINERVA_METADATA_TTL",), 30.0,
+            "seconds folder listings and attributes are trusted without a LIST"),
+    Setting("refresh_interval", float, ("MINERVA_REFRESH_INTERVAL",), 10.0,
+            "seconds between re-listings of folders in use (changes made elsewhere show)"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+# Options mount(8) and mount.fuse3 hand to every helper; they mean nothing here.
+IGNORED_OPTIONS = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
+                   "user", "nouser", "users", "owner", "group", "_netdev", "nofail", "defaults",
+                   "async", "sync", "atime", "noatime", "relatime", "nodiratime"}
+OPTION_ALIASES = {"verbose": "debug", "api_key": None}
+
+
+@dataclass
+class Config:
+    values: dict[str, Any]
+    sources: dict[str, str]
+    file: Path
+    key_source: "KeySource | None" = None
+    notes: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _convert(setting: Setting, value: Any, origin: str) -> Any:
+    if value is None:
+        return None
+    try:
+        if setting.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on", ""):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if setting.kind is float:
+            return float(value)
+        if setting.kind is Path:
+            return Path(os.path.abspath(os.path.expanduser(str(value))))
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{setting.name} from {origin}: {value!r} is not a valid "
+                          f"{setting.kind.__name__}") from None
+
+
+def parse_mount_options(options: list[str] | None) -> dict[str, Any]:
+    """`-o allow_other,api_url=https://...`: mount-helper options mapped to settings."""
+    found: dict[str, Any] = {}
+    for group in options or ():
+        for item in filter(None, (part.strip() for part in group.split(","))):
+            key, has_value, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key in IGNORED_OPTIONS or key.startswith(("x_", "comment")):
+                continue
+            key = OPTION_ALIASES.get(key, key)
+            if key is None:
+                raise ConfigError(f"-o {item.split('=')[0]}: the API key never goes on a command line; "
+                                  "use api_key_file=FILE")
+            if key not in BY_NAME or key == "mountpoint":
+                raise ConfigError(f"-o {item.split('=')[0]}: unknown option (known: "
+                                  f"{', '.join(s.name for s in SETTINGS if s.name != 'mountpoint')})")
+            found[key] = value if has_value else True
+    return found
+
+
+def read_file(path: Path, required: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    doc = {k.replace("-", "_"): v for k, v in doc.items()}
+    if "api_key" in doc:
+        raise ConfigError(f"config file {path}: api_key does not belong in a config file; "
+                          "put the key in a file of its own and set api_key_file")
+    unknown = sorted(set(doc) - set(BY_NAME))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r} "
+                          f"(known: {', '.join(BY_NAME)})")
+    return doc
+
+
+def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
+         config_path: Path | None = None) -> Config:
+    """The effective settings. `flags` holds only what the command line set (None = unset)."""
+    env = os.environ if env is None else env
+    if config_path is not None:
+        file, required = config_path, True
+    elif env.get("MINERVA_CONFIG"):
+        file, required = Path(env["MINERVA_CONFIG"]), True
+    else:
+        file, required = paths.config_file(), False
+    file = Path(os.path.expanduser(str(file)))
+    from_file = read_file(file, required)
+    values, sources = {}, {}
+    for s in SETTINGS:
+        if flags.get(s.name) is not None:
+            values[s.name], sources[s.name] = _convert(s, flags[s.name], "the command line"), "command line"
+            continue
+        var = next((v for v in s.env if env.get(v)), None)
+        if var is not None:
+            values[s.name], sources[s.name] = _convert(s, env[var], var), f"env {var}"
+        elif s.name in from_file:
+            values[s.name], sources[s.name] = _convert(s, from_file[s.name], str(file)), str(file)
+        else:
+            values[s.name], sources[s.name] = _convert(s, s.default, "default"), "default"
+    config = Config(values, sources, file)
+    config.key_source = find_key(config, env)
+    return config
+
+
+# ----- the API key ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where the key comes from: an environment variable or a file."""
+
+    description: str
+    path: Path | None = None
+    env_var: str | None = None
+
+
+def find_key(config: Config, env: Mapping[str, str]) -> KeySource | None:
+    """Flags first, then MINERVA_API_KEY, then systemd credentials, then the file's setting."""
+    origin = config.sources["api_key_file"]
+    if config.api_key_file is not None and origin == "command line":
+        return KeySource(f"--api-key-file {config.api_key_file}", config.api_key_file)
+    if env.get("MINERVA_API_KEY", "").strip():
+        return KeySource("env MINERVA_API_KEY", env_var="MINERVA_API_KEY")
+    if config.api_key_file is not None and origin.startswith("env"):
+        return KeySource(f"{origin}: {config.api_key_file}", config.api_key_file)
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / CREDENTIAL_NAME).exists():
+        return KeySource(f"systemd credential {CREDENTIAL_NAME}", Path(creds) / CREDENTIAL_NAME)
+    if config.api_key_file is not None:
+        return KeySource(f"api_key_file in {origin}: {config.api_key_file}", config.api_key_file)
+    if paths.default_key_file().exists():
+        return KeySource(f"default key file {paths.default_key_file()}", paths.default_key_file())
+    return None
+
+
+def read_key_file(path: Path) -> str:
+    """The key, refusing a file others can read, as ssh refuses a loose private key."""
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); "
+                              f"run: chmod 600 {path}")
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"API key file {path} is empty")
+    return key
+
+
+def load_key(config: Config, env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    source = config.key_source
+    if source is None:
+        raise ConfigError(f"no API key: set MINERVA_API_KEY, pass --api-key-file FILE, or put it in "
+                          f"{paths.default_key_file()} (chmod 600)")
+    if source.env_var:
+        return env[source.env_var].strip()
+    return read_key_file(source.path)
+
+
+# ----- showing it ----------------------------------------------------------------------------
+
+def mask_url(url: str) -> str:
+    """An URL with any password in it replaced by ****."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:****@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def describe(config: Config) -> str:
+    """The effective settings as TOML, each with its source; the key masked."""
+    lines = [f"# effective settings: command line > environment > {config.file} > defaults"]
+    rows = []
+    for s in SETTINGS:
+        value = config.values[s.name]
+        if value is None:
+            text = f"# {s.name} ="
+            rows.append((text, f"{config.sources[s.name]}; {s.help}"))
+            continue
+        if s.kind is bool:
+            shown = "true" if value else "false"
+        elif s.kind is float:
+            shown = f"{value:g}"
+        else:
+            shown = '"' + str(mask_url(str(value)) if s.kind is str else value).replace('"', '\\"') + '"'
+        rows.append((f"{s.name} = {shown}", config.sources[s.name]))
+    key = config.key_source
+    rows.append(('# api_key = "********"' if key else "# api_key: none",
+                 f"from {key.description}" if key else "set MINERVA_API_KEY or api_key_file"))
+    width = max(len(r[0]) for r in rows)
+    lines += [f"{left.ljust(width)}  # {right}" for left, right in rows]
+    return "\n".join(lines)
