@@ -63,8 +63,11 @@ class Operations(pyfuse3.Operations):
         ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
         # The kernel keeps entries as long as the listing cache does; changes made elsewhere
-        # are pushed to it by notify_kernel.
+        # are pushed to it by notify_kernel. The root's attributes cost nothing to ask for, and
+        # a stat of the mount point must soon tell a dead mount (ENOTCONN).
         attr.entry_timeout = attr.attr_timeout = self.core.listings.ttl
+        if node.inode == pyfuse3.ROOT_INODE:
+            attr.attr_timeout = 1.0
         return attr
 
     @_handler
