@@ -356,6 +356,7 @@ class Core:
             if upload is not None and self._drop_pending(upload):
                 log.warning("%s was closed without a complete upload; nothing was published",
                             upload.path)
+                self.listings.vanished(upload.path, handle.node.inode)
                 self.inodes.removed(upload.path)
             self.inodes.closed(handle.node)
 

@@ -13,6 +13,7 @@ and what the kernel may hold in its caches is reported as a `Change` on the boun
 hold is reported: nodes it knows (removed or changed) and names it was told are absent.
 """
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -151,6 +152,15 @@ class ListingCache(cachetools.TTLCache):
     def absent(self, dir_path: str, name: str) -> None:
         """The kernel was told `name` does not exist (a negative entry it may cache)."""
         self._absent[(dir_path, name)] = True
+
+    def vanished(self, path: str, inode: int) -> None:
+        """A name the kernel holds is gone without a change to the listing (an upload that
+        never completed): tell the kernel, or it would keep the name for the TTL."""
+        dir_path, _, name = path.rpartition("/")
+        parent = self._inodes.find(dir_path)
+        if parent is not None:
+            with contextlib.suppress(trio.WouldBlock):
+                self._send.send_nowait(Change("removed", parent.inode, name, inode))
 
     def opened(self, fh: int, dir_path: str) -> None:
         self._open[fh] = dir_path
