@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-retry-timeout", type=float, metavar="SECONDS",
                    help="how long an S3 request is retried while S3 is unreachable or failing, "
                    "before it fails with EIO (default 60)")
+    p.add_argument("--metadata-ttl", type=float, metavar="SECONDS",
+                   help="how long folder listings and attributes are trusted (default 30)")
+    p.add_argument("--refresh-interval", type=float, metavar="SECONDS",
+                   help="how often folders in use are re-listed to show changes made elsewhere "
+                   "(default 10)")
     p.add_argument("-o", dest="options", action="append", metavar="KEY=VALUE,...",
                    help="settings as mount options, e.g. -o allow_other,api_key_file=~/.minerva-key")
     p.add_argument("--config", type=Path, help="config file (env MINERVA_CONFIG; default "
@@ -89,7 +94,8 @@ def load_config(args) -> configuration.Config:
         raise configuration.ConfigError("expected at most [SOURCE] MOUNTPOINT")
     flags = configuration.parse_mount_options(args.options)
     for name in ("api_url", "api_key_file", "s3_endpoint_url", "allow_other", "log_file", "debug",
-                 "stop_timeout", "credential_wait", "s3_retry_timeout", "cache_dir", "cache_size"):
+                 "stop_timeout", "credential_wait", "s3_retry_timeout", "cache_dir", "cache_size",
+                 "metadata_ttl", "refresh_interval"):
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     if args.places:
@@ -149,7 +155,8 @@ def mount_main(argv: list[str]) -> int:
                         s3_endpoint_url=config.s3_endpoint_url, allow_other=config.allow_other,
                         stop_timeout=config.stop_timeout, credential_wait=config.credential_wait,
                         s3_retry_timeout=config.s3_retry_timeout, cache_dir=config.cache_dir,
-                        cache_size=cache_size)
+                        cache_size=cache_size, metadata_ttl=config.metadata_ttl,
+                        refresh_interval=config.refresh_interval)
 
     def ready() -> None:
         if args.ready_fd is not None:

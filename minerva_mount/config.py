@@ -55,6 +55,10 @@ SETTINGS = (
     Setting("cache_dir", Path, ("MINERVA_CACHE_DIR",), None,
             "block cache folder (default: $XDG_CACHE_HOME/minerva-mount)"),
     Setting("cache_size", str, ("MINERVA_CACHE_SIZE",), "10G", "block cache cap, e.g. 512M or 10G"),
+    Setting("metadata_ttl", float, ("MINERVA_METADATA_TTL",), 30.0,
+            "seconds folder listings and attributes are trusted without a LIST"),
+    Setting("refresh_interval", float, ("MINERVA_REFRESH_INTERVAL",), 10.0,
+            "seconds between re-listings of folders in use (changes made elsewhere show)"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -30,6 +30,7 @@ from .errors import (
     NotFound,
     NotPermitted,
 )
+from .listings import DIR, GONE, ListingCache
 from .namespace import (
     INCOMING,
     MAX_KEY_BYTES,
@@ -51,8 +52,8 @@ from .store import ObjectInfo
 from .writer import NotSequential, Upload
 
 log = logging.getLogger("minerva.core")
+MISSING = False  # no such name in the folder (DIR, None, is a folder)
 
-DIR = None  # a listing entry that is a folder
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 MAX_COPIES = 8  # server-side copies in flight while a folder is renamed
 
@@ -86,12 +87,10 @@ class Core:
         self.page_cache_etags: dict[int, str] = {}  # inode -> ETag the kernel's pages hold
         self.on_changed = None  # callback(inode): drop the kernel's pages of a changed object
         self.inodes = InodeTable()
-        self.listings: cachetools.TTLCache = cachetools.TTLCache(maxsize=512, ttl=listing_ttl)
         self.handles: dict[int, Handle] = {}
         self.pending: dict[str, Upload] = {}
         self.completed = 0  # files uploaded since the mount started
         self.aliases: dict[str, str] = {}  # shown path -> object path, for shadowed files
-        self._generations: dict[str, int] = {}  # folder -> count of changes, see _entries
         self.staged: dict[str, Staged] = {}  # files changed through a local copy (staging.py)
         self.staging_dir = staging_dir or str(default_cache_dir() / "staging")
         self.mountpoint = mountpoint  # known to a real mount: lets flush ask /proc (openers.py)
@@ -99,6 +98,8 @@ class Core:
         # mtimes stored in metadata, which LIST does not return: path -> (etag, mtime), learnt
         # at upload, HEAD and utimens, so `ls -l` shows them without a HEAD per file.
         self.mtimes: cachetools.LRUCache = cachetools.LRUCache(maxsize=100_000)
+        self.listings = ListingCache(store, self.inodes, self.pending, ttl=listing_ttl,
+                                     convert=self._convert_listing)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
@@ -106,45 +107,62 @@ class Core:
 
     # ----- names and listings ---------------------------------------------------------
 
-    async def _entries(self, dir_path: str) -> dict[str, ObjectInfo | None]:
+    async def _listing(self, dir_path: str) -> dict[str, ObjectInfo | None]:
+        """The folder as S3 listed it (cached): never copied, since lookups come per name."""
         entries = self.listings.get(dir_path)
         if entries is None:
-            generation = self._generations.get(dir_path, 0)
-            listing = await self.store.list_dir(dir_path + "/" if dir_path else "")
-            entries = {}
-            for sub in listing.dirs:
-                name = sub.rstrip("/")
-                if shown_name(name):
-                    entries[name] = DIR
-            shadowed = []
-            for info in listing.files:
-                name = info.path.rsplit("/", 1)[-1]
-                if not shown_name(name):
-                    log.info("not shown: object %r (name unusable as a file name)", info.path)
-                elif name in entries:
-                    shadowed.append(info)
-                else:
-                    known = self.mtimes.get(info.path)
-                    entries[name] = replace(info, mtime=known[1]) if known and known[0] == info.etag else info
-            self._show_shadowed(dir_path, entries, shadowed)
-            if dir_path == "":
-                entries.setdefault(INCOMING, DIR)
-                entries.setdefault(OUTGOING, DIR)
-            if self._generations.get(dir_path, 0) == generation:
-                # Not if the folder changed while the LIST was under way: that answer may
-                # predate the change (a file published meanwhile would vanish for a while).
-                self.listings[dir_path] = entries
-        result = dict(entries)
-        for path, upload in self.pending.items():
+            # Not cached if the folder changes while the LIST is under way: that answer may
+            # predate the change (a file published meanwhile would vanish for a while).
+            entries = await self.listings.fetch(dir_path)
+        return entries
+
+    def _local_entry(self, path: str) -> ObjectInfo | None:
+        """A file held here (being written, or staged) as the listing shows it, else None."""
+        if (upload := self.pending.get(path)) is not None:
+            return ObjectInfo(path, upload.size, upload.mtime or time.time(), "")
+        if (staged := self.staged.get(path)) is not None:
+            mtime = staged.mtime or (staged.base.mtime if staged.base else time.time())
+            return ObjectInfo(path, staged.size, mtime, "")
+        return None
+
+    async def _entry(self, dir_path: str, name: str):
+        """One name of a folder: its entry, DIR, or MISSING; costs a dict lookup when cached."""
+        local = self._local_entry(join(dir_path, name))
+        if local is not None:
+            return local
+        return (await self._listing(dir_path)).get(name, MISSING)
+
+    async def _entries(self, dir_path: str) -> dict[str, ObjectInfo | None]:
+        """The whole folder with the files held here on top (for readdir)."""
+        result = dict(await self._listing(dir_path))
+        for path in [*self.pending, *self.staged]:
             parent, _, name = path.rpartition("/")
             if parent == dir_path:
-                result[name] = ObjectInfo(path, upload.size, upload.mtime or time.time(), "")
-        for path, staged in self.staged.items():
-            parent, _, name = path.rpartition("/")
-            if parent == dir_path:
-                mtime = staged.mtime or (staged.base.mtime if staged.base else time.time())
-                result[name] = ObjectInfo(path, staged.size, mtime, "")
+                result[name] = self._local_entry(path)
         return result
+
+    def _convert_listing(self, dir_path: str, listing) -> dict[str, ObjectInfo | None]:
+        """One LIST answer as shown names: folders, files, aliases of shadowed files."""
+        entries = {}
+        for sub in listing.dirs:
+            name = sub.rstrip("/")
+            if shown_name(name):
+                entries[name] = DIR
+        shadowed = []
+        for info in listing.files:
+            name = info.path.rsplit("/", 1)[-1]
+            if not shown_name(name):
+                log.info("not shown: object %r (name unusable as a file name)", info.path)
+            elif name in entries:
+                shadowed.append(info)
+            else:
+                known = self.mtimes.get(info.path)
+                entries[name] = replace(info, mtime=known[1]) if known and known[0] == info.etag else info
+        self._show_shadowed(dir_path, entries, shadowed)
+        if dir_path == "":
+            entries.setdefault(INCOMING, DIR)
+            entries.setdefault(OUTGOING, DIR)
+        return entries
 
     def _show_shadowed(self, dir_path: str, entries: dict, shadowed: list[ObjectInfo]) -> None:
         """Files whose name a folder also has ('a' and 'a/b'): shown as 'a (file)', read-only.
@@ -168,8 +186,7 @@ class Core:
         return self.aliases.get(path, path)
 
     def _forget_listing(self, dir_path: str) -> None:
-        self.listings.pop(dir_path, None)
-        self._generations[dir_path] = self._generations.get(dir_path, 0) + 1
+        self.listings.forget(dir_path)
 
     def _node_for(self, path: str, entry: ObjectInfo | None) -> Node:
         if entry is DIR:
@@ -204,10 +221,11 @@ class Core:
             text = check_name(name)
         except MinervaError:
             raise NotFound("unusable name") from None
-        entries = await self._entries(parent.path)
-        if text not in entries:
+        entry = await self._entry(parent.path, text)
+        if entry is MISSING:
+            self.listings.absent(parent.path, text)
             raise NotFound(join(parent.path, text))
-        return join(parent.path, text), entries[text]
+        return join(parent.path, text), entry
 
     def _new_path(self, parent_inode: int, name: bytes) -> str:
         path = join(self._dir(parent_inode).path, check_name(name))
@@ -230,7 +248,7 @@ class Core:
 
     def remember(self, node: Node) -> None:
         """The kernel took a reference (readdirplus entry accepted)."""
-        node.lookups += 1
+        self.inodes.remember(node)
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
@@ -285,6 +303,7 @@ class Core:
         node = self._dir(inode)
         entries = await self._entries(node.path)
         fh = self._take_fh()
+        self.listings.opened(fh, node.path)
         self._dir_snapshots[fh] = [
             (name, self._node_for(join(node.path, name), entry))
             for name, entry in sorted(entries.items())
@@ -296,14 +315,15 @@ class Core:
 
     def releasedir(self, fh: int) -> None:
         self._dir_snapshots.pop(fh, None)
+        self.listings.closed(fh)
 
     async def mkdir(self, parent_inode: int, name: bytes) -> Node:
         path = self._new_path(parent_inode, name)
         require_changeable(path, "mkdir")
-        if check_name(name) in await self._entries(self._dir(parent_inode).path):
+        if await self._entry(self._dir(parent_inode).path, check_name(name)) is not MISSING:
             raise Exists(path)
         await self.store.put(path + "/", b"", {})
-        self._forget_listing(self._dir(parent_inode).path)
+        self.listings.update(self._dir(parent_inode).path, check_name(name), DIR)
         node = self.inodes.upsert(path, True, mtime=time.time())
         node.lookups += 1
         return node
@@ -316,7 +336,7 @@ class Core:
         if any(p.startswith(path + "/") for p in self.pending) or await self.store.has_children(path + "/"):
             raise NotEmpty(path)
         await self.store.delete(path + "/")
-        self._forget_listing(self._dir(parent_inode).path)
+        self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self._forget_listing(path)
         self.inodes.removed(path)
 
@@ -445,8 +465,7 @@ class Core:
     async def _create(self, parent_inode: int, name: bytes, flags: int) -> tuple[int, Node]:
         path = self._new_path(parent_inode, name)
         require_writable(path, "create")
-        entries = await self._entries(self._dir(parent_inode).path)
-        existing = entries.get(check_name(name), False)
+        existing = await self._entry(self._dir(parent_inode).path, check_name(name))
         if existing is DIR:
             raise IsADirectory(path)
         if existing is not False and flags & os.O_EXCL:
@@ -531,6 +550,7 @@ class Core:
             if upload is not None and self._drop_pending(upload):
                 log.warning("%s was closed without a complete upload; nothing was published",
                             upload.path)
+                self.listings.vanished(upload.path, handle.node.inode)
                 self.inodes.removed(upload.path)
             self.inodes.closed(handle.node)
 
@@ -559,7 +579,9 @@ class Core:
         self.mtimes[staged.path] = (etag, staged.mtime)
         if node.path == staged.path:
             node.size, node.etag, node.mtime = staged.size, etag, staged.mtime
-        self._forget_listing(staged.path.rpartition("/")[0])
+        parent, _, name = staged.path.rpartition("/")
+        self.listings.update(parent, name, ObjectInfo(staged.path, staged.size,
+                                                      staged.mtime or time.time(), etag or ""))
         log.info("uploaded %s (%d bytes, from a staging file)", staged.path, staged.size)
 
     async def _staged_closed(self, staged: Staged, node: Node) -> None:
@@ -588,7 +610,8 @@ class Core:
         node.size, node.etag, node.mtime = upload.size, etag, upload.mtime
         self.mtimes[upload.path] = (etag, upload.mtime)
         self._drop_pending(upload)
-        self._forget_listing(node.parent_path)
+        info = ObjectInfo(node.path, node.size, node.mtime or time.time(), etag or "")
+        self.listings.update(node.parent_path, node.name, info)
         self.completed += 1
         log.info("uploaded %s (%d bytes)", upload.path, upload.size)
 
@@ -608,7 +631,7 @@ class Core:
                 self.inodes.removed(path)
                 return
         await self.store.delete(self._key(path))
-        self._forget_listing(self._dir(parent_inode).path)
+        self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.inodes.removed(path)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -622,7 +645,7 @@ class Core:
             raise NotPermitted(f"rename {src} -> {dst}")
         if flags & RENAME_EXCHANGE:
             raise MinervaError("rename exchange is not supported", err=errno.EINVAL)
-        target = (await self._entries(self._dir(new_parent).path)).get(check_name(new_name), False)
+        target = await self._entry(self._dir(new_parent).path, check_name(new_name))
         if target is not False and flags & RENAME_NOREPLACE:
             raise Exists(dst)
         if entry is DIR:

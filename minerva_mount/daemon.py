@@ -42,6 +42,8 @@ class Settings:
     debug_fuse: bool = False
     cache_dir: str | None = None  # default: XDG cache dir / minerva-mount
     cache_size: int = DEFAULT_CACHE_SIZE
+    metadata_ttl: float = 30.0  # how long listings and attributes are trusted without a LIST
+    refresh_interval: float = 10.0  # how often folders in use are re-listed
 
 
 class MountError(Exception):
@@ -79,19 +81,22 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             await cache.open()
         except OSError as exc:
             raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
-        core = Core(store, nursery, cache=cache, staging_dir=str(cache_root / "staging"),
-                    mountpoint=settings.mountpoint)
+        core = Core(store, nursery, listing_ttl=settings.metadata_ttl, cache=cache,
+                    staging_dir=str(cache_root / "staging"), mountpoint=settings.mountpoint)
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
             options.add("allow_other")
         if settings.debug_fuse:
             options.add("debug")
-        pyfuse3.init(Operations(core), settings.mountpoint, options)
+        operations = Operations(core)
+        pyfuse3.init(operations, settings.mountpoint, options)
         try:
             nursery.start_soon(_stop_on_signal, core, settings.stop_timeout, monitor)
             nursery.start_soon(raise_kernel_readahead, settings.mountpoint)
             await monitor.start(nursery)
+            nursery.start_soon(core.listings.refresh_loop, settings.refresh_interval)
+            nursery.start_soon(operations.notify_kernel)
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
                      settings.mountpoint)
             on_ready()
@@ -99,6 +104,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             await pyfuse3.main()
         finally:
             monitor.stopping()
+            operations.stop_notifying()
             pyfuse3.close(unmount=True)
             monitor.close()
             log.info("unmounted %s", settings.mountpoint)

@@ -9,19 +9,19 @@ import errno
 import functools
 import logging
 import os
+import threading
 
 import pyfuse3
 import trio
 
+from . import xattrs
 from .core import Core, mode_of
-from .errors import MinervaError
+from .errors import MinervaError, NotFound
+from .listings import Change
 from .namespace import Node
 
 log = logging.getLogger("minerva.fs")
 
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
-_INVALIDATE = trio.CapacityLimiter(1)
 
 
 def _handler(method):
@@ -50,16 +50,10 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.core = core
         self.uid, self.gid = os.getuid(), os.getgid()
-        core.on_changed = self._invalidate
-
-    def _invalidate(self, inode: int) -> None:
-        """Drop the kernel's cached pages of a changed object (from a thread: it may block)."""
-        async def run():
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, limiter=_INVALIDATE)
-            except OSError as exc:  # the kernel no longer knows the inode: nothing cached
-                log.debug("invalidate inode %d: %s", inode, exc)
-        self.core.nursery.start_soon(run)
+        self._notify_lock = threading.Lock()
+        self._notifying = True
+        # An object changed under pages the kernel keeps (FOPEN_KEEP_CACHE): drop them too.
+        core.on_changed = lambda inode: core.listings.report(Change("changed", 0, "", inode))
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -72,13 +66,52 @@ class Operations(pyfuse3.Operations):
         attr.st_blocks = (node.size + 511) // 512
         ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
-        attr.entry_timeout = ENTRY_TIMEOUT
-        attr.attr_timeout = ATTR_TIMEOUT
+        # The kernel keeps entries as long as the listing cache does; changes made elsewhere
+        # are pushed to it by notify_kernel. The root's attributes cost nothing to ask for, and
+        # a stat of the mount point must soon tell a dead mount (ENOTCONN).
+        attr.entry_timeout = attr.attr_timeout = self.core.listings.ttl
+        if node.inode == pyfuse3.ROOT_INODE:
+            attr.attr_timeout = 1.0
         return attr
 
     @_handler
     async def lookup(self, parent_inode, name, ctx):
-        return self._attr(await self.core.lookup(parent_inode, name))
+        try:
+            return self._attr(await self.core.lookup(parent_inode, name))
+        except NotFound:
+            absent = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches "no such file"
+            absent.entry_timeout = self.core.listings.ttl
+            return absent
+
+    async def notify_kernel(self) -> None:
+        """Tell the kernel what changed in S3 (a background task of the daemon's nursery).
+
+        Each call runs in a thread: the kernel may make it wait for a request on the same
+        folder or file, which this event loop must stay free to answer.
+        """
+        async for change in self.core.listings.changes:
+            await trio.to_thread.run_sync(self._invalidate, change, abandon_on_cancel=True)
+
+    def _invalidate(self, change) -> None:
+        with self._notify_lock:
+            if not self._notifying:
+                return
+            try:
+                if change.kind == "changed":
+                    pyfuse3.invalidate_inode(change.inode)
+                else:
+                    deleted = change.inode if change.kind == "removed" else 0
+                    pyfuse3.invalidate_entry(change.parent_inode, change.name.encode(), deleted)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: the kernel held nothing to invalidate
+                    log.warning("could not invalidate %s in the kernel: %s", change, exc)
+
+    def stop_notifying(self, timeout: float = 5.0) -> None:
+        """Called before pyfuse3.close: no invalidation may reach a closed session."""
+        locked = self._notify_lock.acquire(timeout=timeout)
+        self._notifying = False
+        if locked:
+            self._notify_lock.release()
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
@@ -162,17 +195,21 @@ class Operations(pyfuse3.Operations):
             setattr(stats, name, value)
         return stats
 
+    @_handler
     async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        return xattrs.get(self.core, inode, name)
 
+    @_handler
     async def listxattr(self, inode, ctx):
-        return []
+        return xattrs.names(self.core, inode)
 
+    @_handler
     async def setxattr(self, inode, name, value, ctx):
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        xattrs.set_(name)
 
+    @_handler
     async def removexattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        xattrs.remove(name)
 
     async def symlink(self, parent_inode, name, target, ctx):
         log.warning("refused symlink %r: S3 has no links", name)

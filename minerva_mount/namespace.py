@@ -121,6 +121,14 @@ class InodeTable:
         node.size, node.mtime, node.etag = size, mtime or node.mtime or time.time(), etag
         return node
 
+    def remember(self, node: Node) -> None:
+        """The kernel took a reference from a readdir snapshot; the node may have been
+        forgotten since the snapshot was taken, so it is registered again."""
+        node.lookups += 1
+        if self.by_inode.get(node.inode) is not node:
+            self.by_inode[node.inode] = node
+            self.by_path.setdefault(node.path, node)
+
     def forget(self, inode: int, count: int) -> None:
         node = self.by_inode.get(inode)
         if node is None or inode == ROOT_INODE:

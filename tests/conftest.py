@@ -110,11 +110,25 @@ class LocalMinerva:
         self._control("/_local/s3", {"state": state})
 
     def wipe(self) -> None:
+        """Delete every object of every org, and the folders SeaweedFS keeps once emptied."""
         admin = self.admin()
+        paginator = admin.get_paginator("list_objects_v2")
         for prefix in (o["prefix"] for o in self.info["orgs"]):
-            for page in admin.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     admin.delete_object(Bucket=self.bucket, Key=obj["Key"])
+            # An emptied folder stays listed (as a common prefix) until its 'folder/' key is
+            # deleted; deepest first, so each parent is empty when its turn comes.
+            for folder in sorted(self._folders(admin, prefix), key=len, reverse=True):
+                admin.delete_object(Bucket=self.bucket, Key=folder)
+
+    def _folders(self, admin, prefix: str) -> list[str]:
+        found = []
+        for page in admin.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            for sub in page.get("CommonPrefixes", []):
+                found += [sub["Prefix"], *self._folders(admin, sub["Prefix"])]
+        return found
 
 
 @pytest.fixture(scope="session")

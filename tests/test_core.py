@@ -206,6 +206,9 @@ def test_a_listing_that_started_before_a_publish_is_not_cached():
     """A LIST answered before a file was published must not hide that file afterwards."""
     async def test(core, store):
         incoming = await inode_of(core, "Incoming")
+        # Opened before the LIST starts: a create in the same folder would wait for that
+        # LIST (one LIST in flight per folder) rather than list again.
+        fh_new, _ = await core.create(incoming, b"new.txt", WRITE_NEW)
         started, release = trio.Event(), trio.Event()
         list_dir = store.list_dir
 
@@ -221,7 +224,9 @@ def test_a_listing_that_started_before_a_publish_is_not_cached():
             core._forget_listing("Incoming")
             inner.start_soon(core.opendir, incoming)
             await started.wait()
-            await write_file(core, "Incoming/new.txt", b"new")  # publishes, forgets the listing
+            await core.write(fh_new, 0, b"new")
+            await core.flush(fh_new)  # publishes while the LIST is under way
+            await core.release(fh_new)
             release.set()
         store.list_dir = list_dir
         fh = await core.opendir(incoming)

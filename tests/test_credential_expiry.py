@@ -131,7 +131,9 @@ def _succeeds(action):
     ("403", "this API key is not entitled to Minerva storage (403 forbidden)"),
 ])
 def test_key_revoked_at_refresh_gives_eacces_and_one_log_line(area, mount_factory, mode, message):
-    mount = mount_factory(local=area)
+    # A listing is trusted for --metadata-ttl (30 s by default): keep it short so that listing
+    # the folder asks S3, and is refused, soon after the credentials expire.
+    mount = mount_factory(local=area, extra=("--metadata-ttl", "1"))
     incoming = mount.path / "Incoming"
     _write(incoming / "before.txt", b"before")
     area.fault(mode)

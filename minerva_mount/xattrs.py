@@ -1,0 +1,74 @@
+"""Extended attributes: read-only status under user.minerva.*, everything else refused fast.
+
+File managers and `ls` query xattrs on every file (security.selinux, ACLs, user.xdg.*), so
+each answer comes from memory and never costs a request: ENODATA for a name we do not have,
+ENOTSUP for setting one (S3 objects carry no xattrs; `cp --preserve=xattr` tolerates it).
+
+What a user or a script can read with getfattr:
+- `user.minerva.state` on a file: `uploading` while it is being written or sent (not yet in
+  S3), `uploaded` once the object is complete in S3.
+- `user.minerva.etag` on a file: the object's S3 ETag, once it has one.
+- `user.minerva.requests` on the mount root: the S3 requests made so far, by kind, as JSON
+  (what tests and benchmarks read before and after an operation).
+"""
+
+import errno
+import json
+
+from .errors import MinervaError, NotFound
+from .namespace import ROOT_INODE
+
+PREFIX = "user.minerva."
+STATE, ETAG, REQUESTS = PREFIX + "state", PREFIX + "etag", PREFIX + "requests"
+
+
+class NoData(MinervaError):
+    errno = errno.ENODATA
+
+
+class NotSupported(MinervaError):
+    errno = errno.ENOTSUP
+
+
+class ReadOnly(MinervaError):
+    errno = errno.EPERM
+
+
+def _values(core, inode: int) -> dict[str, str]:
+    try:
+        node = core.inodes.get(inode)
+    except KeyError:
+        raise NotFound(f"inode {inode}") from None
+    if inode == ROOT_INODE:
+        return {REQUESTS: json.dumps(dict(sorted(core.store.requests.items())))}
+    if node.is_dir:
+        return {}
+    if node.path in core.pending:
+        return {STATE: "uploading"}
+    values = {STATE: "uploaded"}
+    if node.etag:
+        values[ETAG] = node.etag
+    return values
+
+
+def get(core, inode: int, name: bytes) -> bytes:
+    value = _values(core, inode).get(name.decode("utf-8", "replace"))
+    if value is None:
+        raise NoData(name.decode("utf-8", "replace"))
+    return value.encode()
+
+
+def names(core, inode: int) -> list[bytes]:
+    return [name.encode() for name in _values(core, inode)]
+
+
+def set_(name: bytes) -> None:
+    if name.startswith(PREFIX.encode()):
+        raise ReadOnly(f"{name.decode('utf-8', 'replace')} is a read-only status attribute")
+    raise NotSupported("S3 objects carry no extended attributes")
+
+
+def remove(name: bytes) -> None:
+    if name.startswith(PREFIX.encode()):
+        raise ReadOnly(f"{name.decode('utf-8', 'replace')} is a read-only status attribute")
+    raise NoData(name.decode("utf-8", "replace"))

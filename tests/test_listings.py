@@ -1,0 +1,161 @@
+"""Unit tests of the listing cache and the refresher, over the in-memory FakeStore."""
+
+import errno
+
+import trio
+import trio.testing
+from test_core import WRITE_NEW, expect_errno, inode_of, listing, run, write_file
+
+from minerva_mount.core import Core
+from minerva_mount.fakestore import FakeStore
+from minerva_mount.listings import Change, ListingCache
+from minerva_mount.namespace import ROOT_INODE, InodeTable
+
+
+def drain(changes) -> set[tuple[str, str]]:
+    found = set()
+    while True:
+        try:
+            change: Change = changes.receive_nowait()
+        except trio.WouldBlock:
+            return found
+        found.add((change.kind, change.name))
+
+
+def test_complete_listing_answers_absent_names_without_requests():
+    async def test(core, store):
+        outgoing = await inode_of(core, "Outgoing")
+        listing(core, await core.opendir(outgoing))
+        before = store.requests.copy()
+        for name in (b".hidden", b"autorun.inf", b".Trash-1000", b"desktop.ini"):
+            await expect_errno(errno.ENOENT, core.lookup(outgoing, name))
+        assert store.requests == before
+    run(test)
+
+
+def test_concurrent_lookups_in_a_cold_folder_share_one_list():
+    async def test(core, store):
+        store.add("Outgoing/a.csv", b"a")
+        outgoing = await inode_of(core, "Outgoing")
+        core.listings.clear()
+        lists = store.requests["list"]
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(core.lookup, outgoing, b"a.csv")
+        assert store.requests["list"] == lists + 1
+    run(test)
+
+
+class GatedStore(FakeStore):
+    """A FakeStore whose LISTs wait until `gate` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = trio.Event()
+
+    async def list_dir(self, path):
+        await self.gate.wait()
+        return await super().list_dir(path)
+
+
+def test_listing_taken_before_a_change_through_the_mount_is_not_cached():
+    async def main():
+        store = GatedStore()
+        async with trio.open_nursery() as nursery:
+            core = Core(store, nursery, listing_ttl=30)
+            nursery.start_soon(core.listings.fetch, "Incoming")
+            await trio.testing.wait_all_tasks_blocked()  # the LIST is in flight
+            core.listings.forget("Incoming")
+            store.gate.set()
+        assert "Incoming" not in core.listings
+        await core.listings.fetch("Incoming")
+        assert "Incoming" in core.listings
+    trio.run(main)
+
+
+def test_refresh_reports_what_the_kernel_may_hold():
+    async def test(core, store):
+        store.add("Outgoing/kept.csv", b"same")
+        store.add("Outgoing/changed.csv", b"old")
+        store.add("Outgoing/gone.csv", b"bye")
+        outgoing = await inode_of(core, "Outgoing")
+        listing(core, await core.opendir(outgoing))
+        for name in (b"kept.csv", b"changed.csv", b"gone.csv"):
+            await core.lookup(outgoing, name)
+        await expect_errno(errno.ENOENT, core.lookup(outgoing, b"new.csv"))
+        drain(core.listings.changes)
+
+        store.add("Outgoing/changed.csv", b"new content")
+        store.add("Outgoing/new.csv", b"fresh")
+        store.add("Outgoing/unseen.csv", b"nobody looked it up")
+        del store.objects["Outgoing/gone.csv"]
+        assert await core.listings.refresh_once() >= 1
+        assert drain(core.listings.changes) == {
+            ("changed", "changed.csv"), ("added", "new.csv"), ("removed", "gone.csv")}
+        assert (await core.lookup(outgoing, b"changed.csv")).size == len(b"new content")
+        await expect_errno(errno.ENOENT, core.lookup(outgoing, b"gone.csv"))
+        assert await core.listings.refresh_once() >= 1
+        assert drain(core.listings.changes) == set()
+    run(test)
+
+
+def test_own_uploads_are_not_reported_removed_while_written():
+    async def test(core, store):
+        await write_file(core, "Incoming/a.txt", b"1")
+        incoming = await inode_of(core, "Incoming")
+        listing(core, await core.opendir(incoming))
+        await core.listings.refresh_once()
+        drain(core.listings.changes)
+        fh, _ = await core.create(incoming, b"a.txt", WRITE_NEW)
+        await core.write(fh, 0, b"longer now")
+        await core.listings.refresh_once()
+        assert drain(core.listings.changes) == set()
+        await core.flush(fh)
+        await core.release(fh)
+        assert store.objects["Incoming/a.txt"][0] == b"longer now"
+    run(test)
+
+
+def test_folders_in_use_are_bounded_and_open_handles_count():
+    async def main():
+        cache = ListingCache(FakeStore(), InodeTable(), {}, ttl=30, watch_max=3)
+        for n in range(10):
+            cache.opened(n, f"Outgoing/d{n}")
+            cache.closed(n)
+        assert len(cache.watched()) == 3
+        cache.opened(99, "Outgoing/open")
+        for n in range(10):
+            cache.opened(100 + n, f"Incoming/d{n}")
+            cache.closed(100 + n)
+        assert "Outgoing/open" in cache.watched() and len(cache.watched()) == 4
+    trio.run(main)
+
+
+def test_readdir_entry_forgotten_since_opendir_stays_resolvable():
+    async def test(core, store):
+        store.add("Outgoing/a.csv", b"a")
+        outgoing = await inode_of(core, "Outgoing")
+        node = await core.lookup(outgoing, b"a.csv")
+        fh = await core.opendir(outgoing)
+        core.forget(node.inode, node.lookups)  # the kernel drops it while the snapshot is held
+        for _, entry in core.readdir(fh, 0):
+            core.remember(entry)
+        assert (await core.getattr(node.inode)).size == 1
+    run(test)
+
+
+def test_root_listing_keeps_incoming_and_outgoing():
+    async def test(core, store):
+        assert listing(core, await core.opendir(ROOT_INODE)) == ["Incoming", "Outgoing"]
+        await core.listings.refresh_once()
+        assert drain(core.listings.changes) == set()
+    run(test)
+
+
+def test_core_uses_the_listing_cache():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            core = Core(FakeStore(), nursery, listing_ttl=7)
+            assert isinstance(core.listings, ListingCache) and core.listings.ttl == 7
+            nursery.cancel_scope.cancel()
+    trio.run(main)
