@@ -14,11 +14,15 @@ import logging
 import os
 import re
 import struct
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
 import trio
+
+try:  # ISA-L's CRC-32: the same value as zlib's, about 30x faster (zlib's costs ~0.5 s CPU/GiB)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - the dependency is optional for the format
+    from zlib import crc32
 
 log = logging.getLogger("minerva.blockcache")
 
@@ -125,7 +129,7 @@ class BlockCache:
         if len(raw) >= HEADER.size:
             magic, length, crc = HEADER.unpack_from(raw)
             data = raw[HEADER.size:]
-            if magic == MAGIC and length == len(data) and zlib.crc32(data) == crc:
+            if magic == MAGIC and length == len(data) and crc32(data) == crc:
                 with contextlib.suppress(OSError):
                     os.utime(path)  # recency survives a restart
                 return data
@@ -171,7 +175,7 @@ class BlockCache:
         tmp = f"{path}.{os.getpid()}.tmp"  # another daemon on this folder writes its own
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, HEADER.pack(MAGIC, len(data), zlib.crc32(data)))
+            os.write(fd, HEADER.pack(MAGIC, len(data), crc32(data)))
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
