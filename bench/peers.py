@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 import botocore.config
+
+from minerva_mount.local.procs import stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,26 +37,7 @@ RCLONE_READ = ("--vfs-cache-mode", "off")
 RCLONE_WRITE = ("--vfs-cache-mode", "writes", "--vfs-write-back", "0s")
 
 
-def wait_for(predicate, what: str, timeout: float, interval: float = 0.05):
-    """Poll `predicate` until truthy; raise TimeoutError naming `what` at the deadline."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
-
-def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def fuse_unmount(path: Path, lazy: bool = False) -> None:

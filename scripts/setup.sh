@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what minerva-mount needs on Debian/Ubuntu, only what is missing:
 # system packages (FUSE 3, a compiler for pyfuse3) and the project in ./.venv.
+# Arguments name more Debian packages to install the same way (bench/setup.sh uses this).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr libglib2.0-bin)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr libglib2.0-bin "$@")
 # systemd-analyze checks the user unit in the tests; containers often lack it.
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 missing=()

@@ -8,10 +8,8 @@ and every mount unmounted with fusermount3, also when a test fails.
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,29 +18,7 @@ import boto3
 import botocore.config
 import pytest
 
-DEADLINE = 60.0
-
-
-def wait_for(predicate, what: str, timeout: float = DEADLINE, interval: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail naming `what` at the deadline."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from minerva_mount.local.procs import stop_process, wait_for  # noqa: F401 (tests import them from here)
 
 
 def s3_client(endpoint: str, key_id: str, secret: str, token: str | None = None):
