@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import wait_for
 
+from minerva_mount.local.procs import process_gone
+
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -157,14 +159,7 @@ def test_background_mode_returns_once_live_and_fusermount_unmounts(local_minerva
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
     pid = int(result.stdout.split("pid ")[1].split(",")[0])
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), "the daemon to exit")
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    except OSError:
-        return True
+    wait_for(lambda: process_gone(pid), "the daemon to exit")
 
 
 def test_key_file_readable_by_others_is_refused(local_minerva, tmp_path):

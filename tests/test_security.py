@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import MOUNT_LOGS, wait_for
 
+from minerva_mount.local.procs import process_gone
+
 
 @pytest.fixture
 def open_dir():
@@ -43,14 +45,7 @@ def _start_background(local, mountpoint: Path, log_file: Path | None, *extra: st
 
 def _stop(mountpoint: Path, pid: int) -> None:
     subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, capture_output=True)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), "the daemon to exit")
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    except OSError:
-        return True
+    wait_for(lambda: process_gone(pid), "the daemon to exit")
 
 
 def test_key_never_in_argv_environment_or_log_of_the_daemon(local_minerva, open_dir):
