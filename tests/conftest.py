@@ -8,6 +8,7 @@ and every mount unmounted with fusermount3, also when a test fails.
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -130,6 +131,7 @@ def running_local_minerva(state: Path, *args: str):
         yield LocalMinerva(state, info, proc)
     finally:
         stop_process(proc)
+        shutil.rmtree(state / "seaweed", ignore_errors=True)  # the objects; logs stay for a look
 
 
 @dataclass
@@ -191,6 +193,8 @@ def mount_factory(local_minerva, tmp_path):
     def make(key: str | None = None, name: str = "mnt", extra: tuple[str, ...] = (),
              local: LocalMinerva | None = None) -> Mount:
         path, log_file = tmp_path / name, tmp_path / f"{name}.log"
+        if "--cache-dir" not in extra:  # not the user's cache: it would grow across runs
+            extra = ("--cache-dir", str(tmp_path / f"{name}.cache"), *extra)
         proc = start_mount(local or local_minerva, path, log_file, key, extra)
         mount = Mount(path, proc, log_file)
         mounts.append(mount)
@@ -203,6 +207,7 @@ def mount_factory(local_minerva, tmp_path):
         wait_for(live, f"the mount at {path}")
         return mount
 
+    make.mounts = mounts  # for the failure report below
     yield make
     for mount in mounts:
         if mount.proc.poll() is None or os.path.ismount(mount.path):
@@ -217,3 +222,14 @@ def mount_factory(local_minerva, tmp_path):
 def mount(local_minerva, mount_factory) -> Mount:
     local_minerva.wipe()
     return mount_factory()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the tail of each of its mounts' logs (CI shows no files)."""
+    report = (yield).get_result()
+    if report.when == "call" and report.failed:
+        for mount in getattr(item.funcargs.get("mount_factory"), "mounts", ()):
+            if mount.log_file.exists():
+                tail = mount.log().splitlines()[-40:]
+                report.sections.append((f"log of the mount {mount.path.name} (last lines)", "\n".join(tail)))

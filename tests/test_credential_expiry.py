@@ -15,6 +15,7 @@ from conftest import running_local_minerva, wait_for
 LIFETIME = 20
 WORKLOAD_SECONDS = 180.0  # how long the workload runs (its length, not a timing assertion)
 EXPIRED = ("InvalidAccessKeyId", "ExpiredToken")
+KEEP = 20  # files the workload keeps in Incoming/; older ones are deleted
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,13 @@ def test_three_minutes_of_mixed_work_across_expiry_without_an_error(area, mount_
     while time.monotonic() < end:
         step += 1
         name = f"in-{step}.bin"
-        data = os.urandom(rng.choice([1, 64 << 10, 3 << 20, 9 << 20]))
+        data = os.urandom(rng.choice([1, 64 << 10, 1 << 20, 9 << 20]))  # 9 MiB: multipart
         (incoming / name).write_bytes(data)  # copy in
         sent[name] = data
+        if len(sent) > KEEP:  # delete, which also keeps the disk the server uses bounded
+            oldest = next(iter(sent))
+            (incoming / oldest).unlink()
+            del sent[oldest]
         if step % 3 == 0:
             (incoming / f"sub-{step}").mkdir()
         export = rng.choice(sorted(exports))

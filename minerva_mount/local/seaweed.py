@@ -49,6 +49,14 @@ LOG_ROTATE_BYTES = 16 * 1024 * 1024
 START_ATTEMPTS = 3  # a port picked as free can be taken before weed binds it
 PORTS_RECORD = "minerva-ports.json"  # in the data dir: the ports of the weed started last
 PORT_TAKEN_SIGNS = (b"Port allocation failed", b"address already in use")  # in weed.log
+# weed mini sizes its volume count from the free disk at each start, so a restart on a fuller
+# disk can leave no writable volume (every large PUT then fails with InternalError). A fixed
+# count of 256 MiB volumes, and a vacuum that returns deleted objects' space within minutes,
+# keep a long-lived local Minerva writable; the disk itself is the only limit.
+VOLUME_SIZE_MB = 256
+VOLUME_MAX = 400
+VACUUM_INTERVAL = 120  # seconds
+PROBE_KEY = "probe/readiness"  # outside every org prefix; written and deleted when starting
 
 
 class WeedError(RuntimeError):
@@ -295,6 +303,9 @@ class Seaweed:
             f"-admin.port={ports.admin}",
             f"-s3.config={s3_path}",
             f"-s3.iam.config={iam_path}",
+            f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+            f"-volume.max={VOLUME_MAX}",
+            f"-master.vacuumIntervalSeconds={VACUUM_INTERVAL}",
         ]
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -320,7 +331,11 @@ class Seaweed:
             return b""
 
     def _wait_ready(self, should_stop: Callable[[], bool], timeout: float) -> None:
-        """Poll until the admin can create the bucket and AssumeRole answers."""
+        """Poll until the admin can create the bucket, write an object and AssumeRole.
+
+        The write matters after a restart: S3 answers before the volume server has joined,
+        and until then every PUT of data fails.
+        """
         assert self.proc is not None
         s3 = self.admin_client("s3", attempts=1, read_timeout=5)
         sts = self.admin_client("sts", attempts=1, read_timeout=5)
@@ -336,6 +351,8 @@ class Seaweed:
                 )
             try:
                 _create_bucket(s3)
+                s3.put_object(Bucket=BUCKET, Key=PROBE_KEY, Body=b"\0" * (64 << 10))
+                s3.delete_object(Bucket=BUCKET, Key=PROBE_KEY)
                 sts.assume_role(
                     RoleArn=ROLE_ARN,
                     RoleSessionName="readiness-probe",
