@@ -13,6 +13,7 @@ their number, PUTs their whole body, GETs their range), so sending one twice is 
 """
 
 import contextlib
+import datetime
 import logging
 import random
 from collections import Counter
@@ -23,6 +24,8 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
+import botocore.utils
 import trio
 import urllib3.exceptions
 
@@ -63,6 +66,22 @@ class ObjectChanged(StoreError):
     """The object's ETag no longer matches the one a read started with."""
 
 
+def _parse_timestamp(text: str) -> datetime.datetime:
+    """botocore's timestamp parser with a fast path for the ISO 8601 times LIST answers carry.
+
+    botocore's own (dateutil) costs ~40 us per key, most of the CPU time of a 1,000-key LIST
+    page; `fromisoformat` takes ~1 us. Other forms (HEAD's RFC 1123 Last-Modified) go to
+    botocore's.
+    """
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:  # not ISO 8601, or no zone: botocore decides
+        return botocore.utils.parse_timestamp(text)
+    return parsed
+
+
 def _info(path: str, size: int, last_modified, etag: str, metadata=None) -> ObjectInfo:
     metadata = metadata or {}
     mtime = last_modified.timestamp()
@@ -100,7 +119,10 @@ class S3Store:
     def _client(self, creds: Credentials):
         # A client per credential set: boto3 clients are thread-safe but their keys are fixed.
         if self._client_for is None or self._client_for[0] is not creds:
-            client = boto3.session.Session().client(
+            session = botocore.session.get_session()
+            session.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=_parse_timestamp)
+            client = boto3.session.Session(botocore_session=session).client(
                 "s3", endpoint_url=self._endpoint_url, region_name=creds.region,
                 aws_access_key_id=creds.key_id, aws_secret_access_key=creds.secret,
                 aws_session_token=creds.token, config=self._config)
