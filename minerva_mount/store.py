@@ -16,14 +16,18 @@ import contextlib
 import datetime
 import logging
 import random
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
+import botocore.awsrequest
 import botocore.config
 import botocore.exceptions
+import botocore.httpsession
 import botocore.session
 import botocore.utils
 import trio
@@ -43,6 +47,7 @@ RETRY_CODES = frozenset({
     "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed", "OperationAborted",
 })
 FIRST_BACKOFF, MAX_BACKOFF = 0.2, 5.0
+S3_XMLNS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,14 @@ class S3Store:
         self.retry_timeout = retry_timeout
         self._config = botocore.config.Config(
             s3={"addressing_style": "path"},
+            signature_version="s3v4",  # also for the presigned LIST URLs (see _list_page)
             retries={"mode": "standard", "total_max_attempts": 1},  # retries: see _call
             max_pool_connections=max_threads,
             connect_timeout=5, read_timeout=60,
             user_agent_extra="minerva-mount",
         )
         self._client_for: tuple[Credentials, Any] | None = None
+        self._http = None  # LIST pages skip botocore's parser (see _list_page): their own pool
         self.copy_part_above = 5 << 30  # CopyObject's limit
         self.copy_part_size = 512 << 20
         self.requests: Counter[str] = Counter()
@@ -122,6 +129,11 @@ class S3Store:
             session = botocore.session.get_session()
             session.get_component("response_parser_factory").set_parser_defaults(
                 timestamp_parser=_parse_timestamp)
+            if self._http is None:  # as botocore makes its own: CA bundle, proxies, timeouts
+                self._http = botocore.httpsession.URLLib3Session(
+                    verify=session.get_config_variable("ca_bundle") or True,
+                    proxies=botocore.utils.get_environ_proxies(self._endpoint_url or "https://s3.amazonaws.com"),
+                    timeout=(5, 60), max_pool_connections=self._limiter.total_tokens)
             client = boto3.session.Session(botocore_session=session).client(
                 "s3", endpoint_url=self._endpoint_url, region_name=creds.region,
                 aws_access_key_id=creds.key_id, aws_secret_access_key=creds.secret,
@@ -169,19 +181,43 @@ class S3Store:
         token = None
         base = self._key(path)
         while True:
-            kwargs = {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/"}
+            params = {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/"}
             if token:
-                kwargs["ContinuationToken"] = token
-            page = await self._call("list", path, lambda c, kw=kwargs: c.list_objects_v2(**kw))
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(base):]
-                if not rel:  # the folder's own marker object
-                    continue
-                files.append(_info(path + rel, obj["Size"], obj["LastModified"], obj.get("ETag", "")))
-            dirs.extend(p["Prefix"][len(base):] for p in page.get("CommonPrefixes", []))
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+                params["ContinuationToken"] = token
+            page = await self._call("list", path, lambda c, p=params: self._list_page(c, p, path))
+            files.extend(page.files)
+            dirs.extend(page.dirs)
+            if not page.token:
                 return Listing(files, dirs)
+            token = page.token
+
+    def _list_page(self, client, params: dict, path: str) -> "_Page":
+        """One ListObjectsV2 page, parsed here rather than by botocore (in a worker thread).
+
+        botocore's response parser costs ~0.3 ms per key, and checks every 200 answer for an
+        error document by parsing it once more: three quarters of the time of a cold `ls -l`
+        of 10,000 objects. So the request is signed by botocore (a presigned URL, the same
+        signature and endpoint as any other call), sent on botocore's HTTP session, and the XML
+        read with ElementTree. Errors become the ClientError botocore would raise, so
+        `_call` maps and retries them as for every other request. The URL carries the session
+        token: it is never logged, and errors name only the exception type (see `_call`).
+        """
+        url = client.generate_presigned_url(
+            "list_objects_v2", Params={**params, "EncodingType": "url"}, ExpiresIn=900)
+        response = self._http.send(botocore.awsrequest.AWSRequest("GET", url).prepare())
+        body = response.content
+        try:
+            root = ElementTree.fromstring(body)
+        except ElementTree.ParseError:
+            root = None
+        if response.status_code != 200 or root is None or not root.tag.endswith("ListBucketResult"):
+            error = {} if root is None else {e.tag.rpartition("}")[2]: e.text for e in root}
+            code = error.get("Code") or ("InternalError" if response.status_code == 200
+                                         else str(response.status_code))
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": code, "Message": error.get("Message") or ""},
+                 "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, "ListObjectsV2")
+        return _parse_list_page(root, params["Prefix"], path)
 
     async def list_tree(self, path: str) -> list[ObjectInfo]:
         """Every object under `path` (ends with '/'), folder markers included, all levels."""
@@ -293,6 +329,39 @@ class S3Store:
 
     async def delete(self, path: str) -> None:
         await self._call("delete", path, lambda c: c.delete_object(Bucket=self.bucket, Key=self._key(path)))
+
+
+@dataclass
+class _Page:
+    files: list[ObjectInfo]
+    dirs: list[str]
+    token: str | None  # None on the last page
+
+
+def _parse_list_page(root: ElementTree.Element, base: str, path: str) -> _Page:
+    """A ListBucketResult (keys URL-encoded, EncodingType=url) as ObjectInfo for `path`."""
+    files, dirs = [], []
+    unquote, skip = urllib.parse.unquote_plus, len(base)
+    contents, prefixes = S3_XMLNS + "Contents", S3_XMLNS + "CommonPrefixes"
+    key_tag, size_tag, time_tag, etag_tag = (S3_XMLNS + t for t in ("Key", "Size", "LastModified", "ETag"))
+    truncated, token = False, None
+    for element in root:
+        tag = element.tag
+        if tag == contents:
+            rel = unquote(element.findtext(key_tag, ""))[skip:]
+            if not rel:  # the folder's own marker object
+                continue
+            files.append(ObjectInfo(
+                path + rel, int(element.findtext(size_tag, "0")),
+                _parse_timestamp(element.findtext(time_tag, "")).timestamp(),
+                element.findtext(etag_tag, "").strip('"'), {}))
+        elif tag == prefixes:
+            dirs.append(unquote(element.findtext(S3_XMLNS + "Prefix", ""))[skip:])
+        elif tag == S3_XMLNS + "IsTruncated":
+            truncated = element.text == "true"
+        elif tag == S3_XMLNS + "NextContinuationToken":
+            token = element.text
+    return _Page(files, dirs, token if truncated and token else None)
 
 
 def _map_client_error(exc: botocore.exceptions.ClientError, kind: str, path: str) -> MinervaError:
