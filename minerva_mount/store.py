@@ -191,19 +191,31 @@ class S3Store:
         body: bytes | None = await self._list_body(path, params)
         while body is not None:
             token, following = _next_token(body), []
+            # Errors are kept, not raised, inside the nursery: it would wrap them in an
+            # ExceptionGroup, and callers expect the MinervaError with its errno.
             async with trio.open_nursery() as nursery:
                 if token:
                     nursery.start_soon(self._list_into, following, path,
                                        {**params, "ContinuationToken": token})
-                page = await trio.to_thread.run_sync(_parse_list_page, body, base, path,
-                                                     limiter=self._limiter)
+                try:
+                    page = await trio.to_thread.run_sync(_parse_list_page, body, base, path,
+                                                         limiter=self._limiter)
+                except MinervaError as exc:
+                    nursery.cancel_scope.cancel()
+                    page = exc
+            for outcome in (page, *following):
+                if isinstance(outcome, MinervaError):
+                    raise outcome
             files.extend(page.files)
             dirs.extend(page.dirs)
             body = following[0] if following else None
         return Listing(files, dirs)
 
     async def _list_into(self, out: list, path: str, params: dict) -> None:
-        out.append(await self._list_body(path, params))
+        try:
+            out.append(await self._list_body(path, params))
+        except MinervaError as exc:
+            out.append(exc)
 
     async def _list_body(self, path: str, params: dict) -> bytes:
         return await self._call("list", path, lambda c: self._get_list_page(c, params))
