@@ -391,14 +391,22 @@ def _parse_list_page(body: bytes, base: str, path: str) -> _Page:
     for element in root:
         tag = element.tag
         if tag == contents:
-            rel = unquote(element.findtext(key_tag, ""))[skip:]
+            key, size, stamp, etag = "", "0", "", ""
+            for field_ in element:  # one pass over the fields: findtext per field costs more
+                if field_.tag == key_tag:
+                    key = field_.text or ""
+                elif field_.tag == size_tag:
+                    size = field_.text or "0"
+                elif field_.tag == time_tag:
+                    stamp = field_.text or ""
+                elif field_.tag == etag_tag:
+                    etag = field_.text or ""
+            rel = (unquote(key) if "%" in key or "+" in key else key)[skip:]
             if not rel:  # the folder's own marker object
                 continue
-            stamp = element.findtext(time_tag, "")
             if (mtime := mtimes.get(stamp)) is None:
                 mtime = mtimes[stamp] = _parse_timestamp(stamp).timestamp()
-            files.append(ObjectInfo(path + rel, int(element.findtext(size_tag, "0")), mtime,
-                                    element.findtext(etag_tag, "").strip('"'), {}))
+            files.append(ObjectInfo(path + rel, int(size), mtime, etag.strip('"'), {}))
         elif tag == prefixes:
             dirs.append(unquote(element.findtext(S3_XMLNS + "Prefix", ""))[skip:])
     return _Page(files, dirs)
