@@ -56,6 +56,7 @@ MISSING = False  # no such name in the folder (DIR, None, is a folder)
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 MAX_COPIES = 8  # server-side copies in flight while a folder is renamed
+SNAPSHOT_ENTRIES = 200_000  # folder entries kept for reuse by the next opendir
 
 
 class Busy(MinervaError):
@@ -101,7 +102,9 @@ class Core:
         self.listings = ListingCache(store, self.inodes, self.pending, ttl=listing_ttl,
                                      convert=self._convert_listing)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
-        self._snapshots: cachetools.LRUCache = cachetools.LRUCache(maxsize=16)  # see opendir
+        # Last opendir's (name, node) list per folder (see opendir), bounded by entries held.
+        self._snapshots: cachetools.LRUCache = cachetools.LRUCache(
+            maxsize=SNAPSHOT_ENTRIES, getsizeof=lambda cached: max(len(cached[2]), 1))
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
         self._idle.set()
@@ -310,7 +313,7 @@ class Core:
             snapshot = [(name, self._node_for(join(node.path, name), entry))
                         for name, entry in sorted(entries.items())]
             local = any(p.rpartition("/")[0] == node.path for p in [*self.pending, *self.staged])
-            if self.listings.get(node.path) is listing and not local:
+            if self.listings.get(node.path) is listing and not local and len(snapshot) <= SNAPSHOT_ENTRIES:
                 self._snapshots[node.path] = (listing, version, snapshot)
         fh = self._take_fh()
         self.listings.opened(fh, node.path)

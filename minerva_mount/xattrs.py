@@ -5,8 +5,8 @@ each answer comes from memory and never costs a request: ENODATA for a `user.*` 
 have, ENOTSUP for setting one (S3 objects carry no xattrs; `cp --preserve=xattr` tolerates it).
 Every other namespace (security.*, system.* ACLs, trusted.*) answers ENOTSUP: `ls -l` then
 marks the whole file system as having no SELinux labels and no ACLs after the first file and
-stops asking, which halves the round trips of a warm `ls -l`; with ENODATA it asks again for
-every file.
+stops asking; with ENODATA it asks again for every file (two round trips per file, most of
+the time of a warm `ls -l`).
 
 What a user or a script can read with getfattr:
 - `user.minerva.state` on a file: `uploading` while it is being written or sent (not yet in
