@@ -56,6 +56,7 @@ MISSING = False  # no such name in the folder (DIR, None, is a folder)
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 MAX_COPIES = 8  # server-side copies in flight while a folder is renamed
+SNAPSHOT_ENTRIES = 200_000  # folder entries kept for reuse by the next opendir
 
 
 class Busy(MinervaError):
@@ -101,6 +102,9 @@ class Core:
         self.listings = ListingCache(store, self.inodes, self.pending, ttl=listing_ttl,
                                      convert=self._convert_listing)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
+        # Last opendir's (name, node) list per folder (see opendir), bounded by entries held.
+        self._snapshots: cachetools.LRUCache = cachetools.LRUCache(
+            maxsize=SNAPSHOT_ENTRIES, getsizeof=lambda cached: max(len(cached[2]), 1))
         self._next_fh = 1
         self._idle = trio.Event()  # set while no file is open for writing
         self._idle.set()
@@ -301,14 +305,37 @@ class Core:
 
     async def opendir(self, inode: int) -> int:
         node = self._dir(inode)
-        entries = await self._entries(node.path)
+        listing = await self._listing(node.path)
+        snapshot = self._reusable_snapshot(node.path, listing)
+        if snapshot is None:
+            version = self.listings.version
+            entries = await self._entries(node.path)
+            snapshot = [(name, self._node_for(join(node.path, name), entry))
+                        for name, entry in sorted(entries.items())]
+            local = any(p.rpartition("/")[0] == node.path for p in [*self.pending, *self.staged])
+            if self.listings.get(node.path) is listing and not local and len(snapshot) <= SNAPSHOT_ENTRIES:
+                self._snapshots[node.path] = (listing, version, snapshot)
         fh = self._take_fh()
         self.listings.opened(fh, node.path)
-        self._dir_snapshots[fh] = [
-            (name, self._node_for(join(node.path, name), entry))
-            for name, entry in sorted(entries.items())
-        ]
+        self._dir_snapshots[fh] = snapshot
         return fh
+
+    def _reusable_snapshot(self, dir_path: str, listing) -> list[tuple[str, Node]] | None:
+        """The last opendir's (name, node) list, if nothing changed since: `ls` and file
+        managers list the same folder again and again, and sorting and matching 10,000 names
+        to nodes each time is most of a warm listing's cost. Unchanged means: the same cached
+        listing, no change made through the mount, no file of the folder held here, and every
+        node still the one its path resolves to (the kernel forgets nodes it no longer holds)."""
+        cached = self._snapshots.get(dir_path)
+        if cached is None or cached[0] is not listing or cached[1] != self.listings.version:
+            return None
+        if any(p.rpartition("/")[0] == dir_path for p in [*self.pending, *self.staged]):
+            return None
+        by_path, prefix = self.inodes.by_path, join(dir_path, "")
+        if any(by_path.get(prefix + name) is not node for name, node in cached[2]):
+            del self._snapshots[dir_path]
+            return None
+        return cached[2]
 
     def readdir(self, fh: int, start: int) -> list[tuple[str, Node]]:
         return self._dir_snapshots[fh][start:]

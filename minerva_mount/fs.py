@@ -52,10 +52,21 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self._notify_lock = threading.Lock()
         self._notifying = True
+        self._attrs: dict[int, tuple] = {}  # inode -> ((size, mtime, is_dir), EntryAttributes)
         # An object changed under pages the kernel keeps (FOPEN_KEEP_CACHE): drop them too.
         core.on_changed = lambda inode: core.listings.report(Change("changed", 0, "", inode))
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The node's attributes, built once per (size, mtime, type): `ls -l` of a folder asks for
+        every entry's on each listing, and pyfuse3 copies them into each reply."""
+        key = (node.size, node.mtime, node.is_dir)
+        cached = self._attrs.get(node.inode)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        attr = self._attrs[node.inode] = key, self._new_attr(node)
+        return attr[1]
+
+    def _new_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.st_mode = mode_of(node)
@@ -116,6 +127,8 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for inode, count in inode_list:
             self.core.forget(inode, count)
+            if inode not in self.core.inodes.by_inode:
+                self._attrs.pop(inode, None)
 
     @_handler
     async def getattr(self, inode, ctx):

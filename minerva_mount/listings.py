@@ -93,6 +93,7 @@ class ListingCache(cachetools.TTLCache):
         self._open: dict[int, str] = {}  # directory handle -> folder
         self._absent: cachetools.TTLCache = cachetools.TTLCache(channel_size, ttl)  # negative entries
         self._send, self.changes = trio.open_memory_channel[Change](channel_size)
+        self.version = 0  # bumped by every change to a cached listing (lets the core reuse work)
 
     # ----- what the core calls ----------------------------------------------------------
 
@@ -124,6 +125,7 @@ class ListingCache(cachetools.TTLCache):
 
     def forget(self, dir_path: str) -> None:
         """The folder changed through the mount: the next use lists it again."""
+        self.version += 1
         self.pop(dir_path, None)
         if (fetch := self._inflight.get(dir_path)) is not None:
             fetch.stale = True
@@ -136,6 +138,7 @@ class ListingCache(cachetools.TTLCache):
         """
         if (fetch := self._inflight.get(dir_path)) is not None:
             fetch.stale = True
+        self.version += 1
         entries = self.get(dir_path)  # patched in place: its age (TTL) stays that of the LIST
         if entries is None:
             return
@@ -145,6 +148,7 @@ class ListingCache(cachetools.TTLCache):
             entries[name] = entry
 
     def clear(self) -> None:
+        self.version += 1
         for fetch in self._inflight.values():
             fetch.stale = True
         super().clear()
@@ -201,6 +205,7 @@ class ListingCache(cachetools.TTLCache):
 
     def _store_listing(self, dir_path: str, entries: Entries) -> None:
         before = self._known.get(dir_path)
+        self.version += 1
         self[dir_path] = entries
         self._known[dir_path] = entries
         self._listed_at[dir_path] = time.monotonic()

@@ -1,8 +1,12 @@
 """Extended attributes: read-only status under user.minerva.*, everything else refused fast.
 
 File managers and `ls` query xattrs on every file (security.selinux, ACLs, user.xdg.*), so
-each answer comes from memory and never costs a request: ENODATA for a name we do not have,
-ENOTSUP for setting one (S3 objects carry no xattrs; `cp --preserve=xattr` tolerates it).
+each answer comes from memory and never costs a request: ENODATA for a `user.*` name we do not
+have, ENOTSUP for setting one (S3 objects carry no xattrs; `cp --preserve=xattr` tolerates it).
+Every other namespace (security.*, system.* ACLs, trusted.*) answers ENOTSUP: `ls -l` then
+marks the whole file system as having no SELinux labels and no ACLs after the first file and
+stops asking; with ENODATA it asks again for every file (two round trips per file, most of
+the time of a warm `ls -l`).
 
 What a user or a script can read with getfattr:
 - `user.minerva.state` on a file: `uploading` while it is being written or sent (not yet in
@@ -20,6 +24,7 @@ from .namespace import ROOT_INODE
 
 PREFIX = "user.minerva."
 STATE, ETAG, REQUESTS = PREFIX + "state", PREFIX + "etag", PREFIX + "requests"
+USER = b"user."  # the only namespace this file system has names in
 
 
 class NoData(MinervaError):
@@ -51,7 +56,13 @@ def _values(core, inode: int) -> dict[str, str]:
     return values
 
 
+def _require_user(name: bytes) -> None:
+    if not name.startswith(USER):
+        raise NotSupported(f"no {name.decode('utf-8', 'replace').split('.')[0]}.* attributes here")
+
+
 def get(core, inode: int, name: bytes) -> bytes:
+    _require_user(name)
     value = _values(core, inode).get(name.decode("utf-8", "replace"))
     if value is None:
         raise NoData(name.decode("utf-8", "replace"))
@@ -71,4 +82,5 @@ def set_(name: bytes) -> None:
 def remove(name: bytes) -> None:
     if name.startswith(PREFIX.encode()):
         raise ReadOnly(f"{name.decode('utf-8', 'replace')} is a read-only status attribute")
+    _require_user(name)
     raise NoData(name.decode("utf-8", "replace"))

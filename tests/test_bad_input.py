@@ -37,11 +37,14 @@ def test_odd_keys_follow_the_rule_and_never_hide_other_files(mount, local_minerv
         "Incoming/odd/c": b"file c",
         "Incoming/odd/dirkey/": b"",
         f"Incoming/odd/{LONG_OK}": b"long but fine",
+        "Incoming/odd/x y+z%41&<é>.txt": b"characters a listing URL-encodes",
     }
     for key, data in objects.items():
         local_minerva.put(key, data)
     odd = mount.path / "Incoming" / "odd"
-    assert sorted(os.listdir(odd)) == sorted(["a", "a (file)", "c", "c (file)", "dirkey", "ok.txt", LONG_OK])
+    assert sorted(os.listdir(odd)) == sorted(["a", "a (file)", "c", "c (file)", "dirkey", "ok.txt", LONG_OK,
+                                              "x y+z%41&<é>.txt"])
+    assert (odd / "x y+z%41&<é>.txt").read_bytes() == b"characters a listing URL-encodes"
     assert (odd / "ok.txt").read_bytes() == b"fine"
     assert (odd / LONG_OK).read_bytes() == b"long but fine"
     assert (odd / "a (file)").read_bytes() == b"file a" and (odd / "c (file)").read_bytes() == b"file c"
@@ -52,7 +55,8 @@ def test_odd_keys_follow_the_rule_and_never_hide_other_files(mount, local_minerv
     os.rename(odd / "c (file)", odd / "c.txt")  # the way out of the clash: the file gets its own name
     assert local_minerva.get("Incoming/odd/c.txt") == b"file c"
     os.unlink(odd / "a (file)")
-    assert sorted(os.listdir(odd)) == sorted(["a", "c", "c.txt", "dirkey", "ok.txt", LONG_OK])
+    assert sorted(os.listdir(odd)) == sorted(["a", "c", "c.txt", "dirkey", "ok.txt", LONG_OK,
+                                              "x y+z%41&<é>.txt"])
     assert mount.proc.poll() is None  # the daemon is alive
     assert "shown as 'a (file)': object 'Incoming/odd/a'" in mount.log()
     assert sorted(local_minerva.keys("Incoming/")) == sorted(

@@ -144,6 +144,49 @@ def test_readdir_entry_forgotten_since_opendir_stays_resolvable():
     run(test)
 
 
+def test_listing_a_folder_again_shows_every_change_and_only_live_nodes():
+    """A folder listed again unchanged reuses the last opendir's work; any change shows."""
+    async def test(core, store):
+        for name in ("a.csv", "b.csv", "c.csv"):
+            store.add(f"Incoming/{name}", name.encode())
+        incoming = await inode_of(core, "Incoming")
+
+        def entries(fh):
+            found = {name: entry for name, entry in core.readdir(fh, 0)}
+            for entry in found.values():
+                core.remember(entry)  # the kernel takes each entry (readdirplus)
+            core.releasedir(fh)
+            return found
+
+        first = entries(await core.opendir(incoming))
+        assert list(first) == ["a.csv", "b.csv", "c.csv"]
+        before = store.requests.copy()
+        assert entries(await core.opendir(incoming)) == first
+        assert store.requests == before
+
+        core.forget(first["a.csv"].inode, first["a.csv"].lookups)  # the kernel drops one
+        again = entries(await core.opendir(incoming))
+        assert (await core.getattr(again["a.csv"].inode)).size == 5  # a.csv: still resolvable
+        core.forget(again["a.csv"].inode, again["a.csv"].lookups)
+        looked_up = await core.lookup(incoming, b"a.csv")  # a new node for the name
+        assert entries(await core.opendir(incoming))["a.csv"].inode == looked_up.inode
+        await core.unlink(incoming, b"b.csv")
+        assert list(entries(await core.opendir(incoming))) == ["a.csv", "c.csv"]
+
+        fh, _ = await core.create(incoming, b"new.csv", WRITE_NEW)  # shown while written
+        assert list(entries(await core.opendir(incoming))) == ["a.csv", "c.csv", "new.csv"]
+        await core.write(fh, 0, b"12345678")
+        await core.flush(fh)
+        await core.release(fh)
+        shown = entries(await core.opendir(incoming))
+        assert list(shown) == ["a.csv", "c.csv", "new.csv"] and shown["new.csv"].size == 8
+
+        store.add("Incoming/d.csv", b"d")  # made elsewhere: shows at the next LIST
+        await core.listings.refresh_once()
+        assert list(entries(await core.opendir(incoming))) == ["a.csv", "c.csv", "d.csv", "new.csv"]
+    run(test)
+
+
 def test_root_listing_keeps_incoming_and_outgoing():
     async def test(core, store):
         assert listing(core, await core.opendir(ROOT_INODE)) == ["Incoming", "Outgoing"]
