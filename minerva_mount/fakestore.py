@@ -70,6 +70,11 @@ class FakeStore:
             raise ObjectChanged(f"get {path}")
         return data[start:end]
 
+    async def get_blocks(self, path: str, start: int, end: int, block_size: int,
+                         etag: str | None = None) -> list[bytes]:
+        data = await self.get_range(path, start, end, etag)
+        return [data[i:i + block_size] for i in range(0, len(data), block_size)]
+
     async def put(self, path: str, data: bytes, metadata: dict[str, str]) -> str:
         await self._enter("put")
         return self.add(path, bytes(data), metadata).etag

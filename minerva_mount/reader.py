@@ -205,15 +205,16 @@ class Blocks:
             claimed = self._claim(names)
         try:
             start, end = first * self.block_size, min(last * self.block_size, info.size)
+            args = (info.path, start, end, self.block_size, info.etag or None)
             if limited:
                 async with self._gets:
-                    data = await self.store.get_range(info.path, start, end, info.etag or None)
+                    pieces = await self.store.get_blocks(*args)
             else:
-                data = await self.store.get_range(info.path, start, end, info.etag or None)
-            if len(data) != end - start:
-                raise MinervaError(f"read {info.path}: S3 sent {len(data)} bytes for {end - start}")
-            view = memoryview(data)
-            blocks = [view[i:i + self.block_size] for i in range(0, len(view), self.block_size)]
+                pieces = await self.store.get_blocks(*args)
+            got = sum(len(piece) for piece in pieces)
+            if got != end - start or len(pieces) != len(names):
+                raise MinervaError(f"read {info.path}: S3 sent {got} bytes for {end - start}")
+            blocks = [memoryview(piece) for piece in pieces]
             for name, block in zip(names, blocks, strict=True):
                 self._remember(name, block)
         finally:

@@ -280,6 +280,36 @@ class S3Store:
             kwargs["IfMatch"] = f'"{etag}"'
         return await self._call("get", path, lambda c: c.get_object(**kwargs)["Body"].read())
 
+    async def get_blocks(self, path: str, start: int, end: int, block_size: int,
+                         etag: str | None = None) -> list[bytes]:
+        """Bytes [start, end) in one GET, as pieces of `block_size` (the last may be shorter).
+
+        The body is read piece by piece: each piece is its own allocation of one size, which
+        malloc hands out again once a piece is freed. One 16 MiB bytes per GET instead comes
+        fresh from the kernel each time, page by page (~0.4 s CPU per GiB in page faults).
+        """
+        kwargs = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+
+        def fetch(client) -> list[bytes]:
+            body = client.get_object(**kwargs)["Body"]
+            pieces, left = [], end - start
+            while left > 0:
+                piece = body.read(min(block_size, left))
+                while 0 < len(piece) < min(block_size, left):  # a short read: complete the piece
+                    more = body.read(min(block_size, left) - len(piece))
+                    if not more:
+                        break
+                    piece += more
+                if not piece:
+                    break  # the caller finds the bytes short
+                pieces.append(piece)
+                left -= len(piece)
+            body.close()
+            return pieces
+        return await self._call("get", path, fetch)
+
     async def put(self, path: str, data: bytes, metadata: dict[str, str]) -> str:
         r = await self._call("put", path, lambda c: c.put_object(
             Bucket=self.bucket, Key=self._key(path), Body=data, Metadata=metadata))

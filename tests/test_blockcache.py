@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from minerva_mount.blockcache import HEADER, BlockCache, parse_size
+from minerva_mount.blockcache import BlockCache, data_offset, parse_size, run_file_size
 from minerva_mount.core import Core
 from minerva_mount.fakestore import FakeStore
 from minerva_mount.reader import GET_SIZE, Blocks, Reader
@@ -60,6 +60,12 @@ async def settle(blocks: Blocks) -> None:
 
 def block_files(tmp_path) -> list[str]:
     return sorted(os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files)
+
+
+def last_block_offset(path) -> int:
+    """Where the last block of a run file (named <object>-<first>-<count>) starts."""
+    count = int(os.path.basename(path).rsplit("-", 1)[1])
+    return data_offset(count) + (count - 1) * BS
 
 
 def test_parse_size():
@@ -168,7 +174,7 @@ def test_blocks_survive_restart_and_files_are_private(tmp_path):
 
 
 def test_eviction_by_bytes_keeps_recent_blocks(tmp_path):
-    cap = 4 * (BS + HEADER.size)
+    cap = 4 * run_file_size([BS])
 
     async def test(blocks, store, cache):
         names = [BlockCache.name("Outgoing/big.bin", "etag1", i) for i in range(10)]
@@ -195,14 +201,15 @@ def test_corrupt_block_is_dropped_and_fetched_again(tmp_path, damage):
         await settle(blocks)
     run(fill, tmp_path)
     victim = block_files(tmp_path)[0]
+    at = last_block_offset(victim)
     with open(victim, "r+b") as f:
         if damage == "flip":
-            f.seek(HEADER.size + 1000)
+            f.seek(at + 1000)
             byte = f.read(1)
-            f.seek(HEADER.size + 1000)
+            f.seek(at + 1000)
             f.write(bytes([byte[0] ^ 0xFF]))
         else:
-            f.truncate(HEADER.size + 100)
+            f.truncate(at + 100)
 
     async def check(blocks, store, cache):
         info = store.add("Outgoing/c.bin", data)
