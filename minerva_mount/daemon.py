@@ -21,6 +21,7 @@ from .blockcache import DEFAULT_CACHE_SIZE, BlockCache, default_cache_dir
 from .core import Core
 from .credentials import CredentialProvider
 from .fs import Operations
+from .memtune import keep_freed_memory
 from .monitor import Monitor
 from .paths import UnsafeRuntimeDir, control_socket
 from .store import S3Store
@@ -66,6 +67,7 @@ def prepare_mountpoint(path: str) -> None:
 
 
 async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) -> None:
+    keep_freed_memory()
     prepare_mountpoint(settings.mountpoint)
     try:
         socket_path = control_socket(settings.mountpoint)
