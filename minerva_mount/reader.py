@@ -21,7 +21,7 @@ from .store import ObjectChanged, ObjectInfo
 log = logging.getLogger("minerva.reader")
 
 MAX_WINDOW = 64 << 20
-GET_SIZE = 16 << 20  # one ranged GET fetches up to this much of a readahead window
+GET_SIZE = 32 << 20  # one ranged GET fetches up to this much of a readahead window
 MAX_GETS = 8  # readahead GETs in flight, all files together
 MEMORY_BYTES = 256 << 20  # blocks held in memory, all files together
 MAX_PENDING_WRITES = 8  # fetched runs (up to GET_SIZE each) waiting for the disk cache;
