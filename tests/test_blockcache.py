@@ -269,3 +269,41 @@ def test_core_keeps_page_cache_only_while_etag_unchanged(tmp_path):
             assert await core.read(third, 0, 100) == b"two!"
             nursery.cancel_scope.cancel()
     trio.run(main)
+
+
+def test_runs_hold_consecutive_blocks_and_a_damaged_one_stays_dropped_after_restart(tmp_path):
+    data = data_of(24 * BS + 5)
+
+    async def fill(blocks, store, cache):
+        info = store.add("Outgoing/run.bin", data)
+        assert await read_all(blocks, info, chunk=BS) == data
+        await settle(blocks)
+        assert len(cache._index) == 25
+    run(fill, tmp_path)
+    files = block_files(tmp_path)
+    assert len(files) < 25  # one file per GET, not per block
+    victim = max(files, key=lambda p: int(p.rsplit("-", 1)[1]))  # the run with most blocks
+    first, count = (int(n) for n in os.path.basename(victim).split("-")[1:])
+    assert count > 2
+    middle = data_offset(count) + BS + 7  # inside the run's second block
+    with open(victim, "r+b") as f:
+        f.seek(middle)
+        byte = f.read(1)
+        f.seek(middle)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+    async def damaged(blocks, store, cache):
+        info = store.add("Outgoing/run.bin", data)
+        assert await read_all(blocks, info, chunk=BS) == data
+        assert cache.dropped_corrupt == 1
+        fetched = [(s, e) for _, s, e in store.ranges]
+        assert fetched == [((first + 1) * BS, (first + 2) * BS)]  # that block alone, again
+        await settle(blocks)
+    run(damaged, tmp_path)
+
+    async def restarted(blocks, store, cache):
+        info = store.add("Outgoing/run.bin", data)
+        assert len(cache._index) == 25  # the new copy, not the damaged one
+        assert await read_all(blocks, info, chunk=BS) == data
+        assert store.ranges == [] and cache.dropped_corrupt == 0
+    run(restarted, tmp_path)
