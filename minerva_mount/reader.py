@@ -24,7 +24,7 @@ MAX_WINDOW = 64 << 20
 GET_SIZE = 32 << 20  # one ranged GET fetches up to this much of a readahead window
 MAX_GETS = 8  # readahead GETs in flight, all files together
 MEMORY_BYTES = 256 << 20  # blocks held in memory, all files together
-MAX_PENDING_WRITES = 8  # fetched runs (up to GET_SIZE each) waiting for the disk cache;
+MAX_PENDING_WRITES = 4  # fetched runs (up to GET_SIZE each) waiting for the disk cache;
 # beyond that a run is not cached: on a busy machine, stalling reads for the cache costs more
 
 

@@ -276,9 +276,12 @@ def test_runs_hold_consecutive_blocks_and_a_damaged_one_stays_dropped_after_rest
 
     async def fill(blocks, store, cache):
         info = store.add("Outgoing/run.bin", data)
-        assert await read_all(blocks, info, chunk=BS) == data
-        await settle(blocks)
-        assert len(cache._index) == 25
+        with trio.fail_after(30):
+            while len(cache._index) < 25:  # a run whose write was skipped (disk behind) is
+                for name in list(blocks._memory):  # fetched and written again on the next read
+                    blocks._forget(name)
+                assert await read_all(blocks, info, chunk=BS) == data
+                await settle(blocks)
     run(fill, tmp_path)
     files = block_files(tmp_path)
     assert len(files) < 25  # one file per GET, not per block
