@@ -71,9 +71,13 @@ class FakeStore:
         return data[start:end]
 
     async def get_blocks(self, path: str, start: int, end: int, block_size: int,
-                         etag: str | None = None) -> list[bytes]:
+                         etag: str | None = None, each=None) -> list[bytes]:
         data = await self.get_range(path, start, end, etag)
-        return [data[i:i + block_size] for i in range(0, len(data), block_size)]
+        pieces = [data[i:i + block_size] for i in range(0, len(data), block_size)]
+        for index, piece in enumerate(pieces):
+            if each is not None:
+                await trio.to_thread.run_sync(each, index, piece)  # in a thread, as S3Store does
+        return pieces
 
     async def put(self, path: str, data: bytes, metadata: dict[str, str]) -> str:
         await self._enter("put")

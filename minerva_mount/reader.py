@@ -45,6 +45,7 @@ class Blocks:
         self._gets = trio.CapacityLimiter(MAX_GETS)
         self._ids: dict[tuple[str, str], str] = {}  # (path, etag) -> hashed file-name stem
         self._writes = trio.Semaphore(MAX_PENDING_WRITES)
+        self._teeing = 0  # GETs writing their blocks to the disk cache as they arrive
         self.skipped_writes = 0  # fetched blocks not cached on disk because writes fell behind
         self.hits = self.misses = 0  # blocks a read found in memory or on disk / had to fetch
 
@@ -59,7 +60,7 @@ class Blocks:
     @property
     def pending_writes(self) -> int:
         """Fetched runs not yet written to the disk cache."""
-        return MAX_PENDING_WRITES - self._writes.value
+        return MAX_PENDING_WRITES - self._writes.value + self._teeing
 
     def count(self, info: ObjectInfo) -> int:
         return -(-info.size // self.block_size)
@@ -194,18 +195,24 @@ class Blocks:
             self._release(claimed)
 
     async def _fetch(self, info: ObjectInfo, first: int, last: int, claimed=None) -> list[memoryview]:
-        """GET blocks [first, last) in one request; keep them in memory, then write them to disk.
+        """GET blocks [first, last) in one request; keep them in memory and on disk.
 
         Readahead (`claimed` given) waits for a slot among MAX_GETS; a read waiting on its
-        block goes first.
+        block goes first. The disk cache's copy is written by the thread that reads the body,
+        block by block as they arrive (see RunWriter).
         """
         names = [self._name(info, i) for i in range(first, last)]
         limited = claimed is not None
         if claimed is None:
             claimed = self._claim(names)
+        start, end = first * self.block_size, min(last * self.block_size, info.size)
+        writer = None
+        if self.cache is not None and info.etag:
+            lengths = [min(self.block_size, end - at) for at in range(start, end, self.block_size)]
+            writer = self.cache.run_writer(names, lengths)
+        self._teeing += writer is not None
         try:
-            start, end = first * self.block_size, min(last * self.block_size, info.size)
-            args = (info.path, start, end, self.block_size, info.etag or None)
+            args = (info.path, start, end, self.block_size, info.etag or None, writer and writer.add)
             if limited:
                 async with self._gets:
                     pieces = await self.store.get_blocks(*args)
@@ -217,9 +224,19 @@ class Blocks:
             blocks = [memoryview(piece) for piece in pieces]
             for name, block in zip(names, blocks, strict=True):
                 self._remember(name, block)
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+                self._teeing -= 1
+            raise
         finally:
             self._release(claimed)
-        if self.cache is not None and info.etag:
+        if writer is not None:
+            try:
+                await self.cache.commit(writer)
+            finally:
+                self._teeing -= 1
+        elif self.cache is not None and info.etag:  # a run longer than a small cache takes
             try:
                 self._writes.acquire_nowait()  # bounds the bytes waiting to be written
             except trio.WouldBlock:  # the disk is behind: reading on beats caching everything

@@ -9,6 +9,7 @@ import trio.testing
 
 from minerva_mount.blockcache import BlockCache, data_offset, parse_size, run_file_size
 from minerva_mount.core import Core
+from minerva_mount.errors import StoreError
 from minerva_mount.fakestore import FakeStore
 from minerva_mount.reader import GET_SIZE, Blocks, Reader
 from minerva_mount.store import ObjectChanged
@@ -310,3 +311,51 @@ def test_runs_hold_consecutive_blocks_and_a_damaged_one_stays_dropped_after_rest
         assert await read_all(blocks, info, chunk=BS) == data
         assert store.ranges == [] and cache.dropped_corrupt == 0
     run(restarted, tmp_path)
+
+
+class RetryingStore(RangeStore):
+    """Every GET sends two blocks, is cut, and is sent again from its start (as S3Store's
+    retries do); with `fail`, the second attempt fails too."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.fail = fail
+
+    async def get_blocks(self, path, start, end, block_size, etag=None, each=None):
+        pieces = await super().get_blocks(path, start, end, block_size, etag)
+        for index, piece in enumerate(pieces[:2]):
+            await trio.to_thread.run_sync(each, index, piece)
+        if self.fail:
+            raise StoreError(f"get {path}: S3 unreachable")
+        for index, piece in enumerate(pieces):
+            await trio.to_thread.run_sync(each, index, piece)
+        return pieces
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_get_retried_or_failed_midway_leaves_a_whole_run_or_none(tmp_path, fail):
+    data = data_of(6 * BS)
+
+    async def main():
+        store = RetryingStore(fail)
+        info = store.add("Outgoing/retry.bin", data)
+        cache = BlockCache(tmp_path, 1 << 30, block_size=BS)
+        await cache.open()
+        async with trio.open_nursery() as nursery:
+            blocks = Blocks(store, nursery, cache)
+            if fail:
+                with pytest.raises(StoreError):
+                    await blocks.get_exact(info, 0, len(data))
+            else:
+                assert await blocks.get_exact(info, 0, len(data)) == data
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+    files = block_files(tmp_path)
+    assert len(files) == (0 if fail else 1)  # no .tmp file left behind
+
+    async def again(blocks, store, cache):
+        info = store.add("Outgoing/retry.bin", data)
+        assert len(cache._index) == (0 if fail else 6)
+        assert await read_all(blocks, info, chunk=BS) == data
+        assert (store.ranges == []) != fail  # all from disk, unless nothing was cached
+    run(again, tmp_path)
