@@ -288,8 +288,8 @@ class S3Store:
         The body is read piece by piece: each piece is its own allocation of one size, which
         malloc hands out again once a piece is freed. One 16 MiB bytes per GET instead comes
         fresh from the kernel each time, page by page (~0.4 s CPU per GiB in page faults).
-        `each(index, piece)` is called in the worker thread as each piece arrives, while it is
-        in the CPU's cache (index 0 again if the GET is retried); it must not raise.
+        `each(index, piece)` is called in the worker thread as each whole piece arrives, while
+        it is in the CPU's cache (index 0 again if the GET is retried); it must not raise.
         """
         kwargs = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
         if etag:
@@ -299,18 +299,19 @@ class S3Store:
             body = client.get_object(**kwargs)["Body"]
             pieces, left = [], end - start
             while left > 0:
-                piece = body.read(min(block_size, left))
-                while 0 < len(piece) < min(block_size, left):  # a short read: complete the piece
-                    more = body.read(min(block_size, left) - len(piece))
+                want = min(block_size, left)
+                piece = body.read(want)
+                while 0 < len(piece) < want:  # a short read: complete the piece
+                    more = body.read(want - len(piece))
                     if not more:
                         break
                     piece += more
-                if not piece:
-                    break  # the caller finds the bytes short
+                if len(piece) < want:
+                    break  # the body ended early: the caller finds the bytes short
                 if each is not None:
                     each(len(pieces), piece)
                 pieces.append(piece)
-                left -= len(piece)
+                left -= want
             body.close()
             return pieces
         return await self._call("get", path, fetch)
