@@ -111,6 +111,9 @@ class S3Store:
             retries={"mode": "standard", "total_max_attempts": 1},  # retries: see _call
             max_pool_connections=max_threads,
             connect_timeout=5, read_timeout=60,
+            # No x-amz-checksum-mode on GETs: ranged GETs carry no checksum to check, and the
+            # block cache keeps its own CRC-32; saves ~0.15 ms of CPU per request.
+            response_checksum_validation="when_required",
             user_agent_extra="minerva-mount",
         )
         self._client_for: tuple[Credentials, Any] | None = None
