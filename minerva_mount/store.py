@@ -281,7 +281,25 @@ class S3Store:
         kwargs = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
         if etag:
             kwargs["IfMatch"] = f'"{etag}"'
-        return await self._call("get", path, lambda c: c.get_object(**kwargs)["Body"].read())
+        return await self._call("get", path, lambda c: self._get_small(c, kwargs, end - start))
+
+    def _get_small(self, client, params: dict, size: int) -> bytes:
+        """A ranged GetObject sent as LIST pages are (see `_get_list_page`): a presigned URL on
+        botocore's HTTP session. botocore's request pipeline costs ~2.5 ms of CPU per GET, this
+        ~1.4 ms: a third of what opening a file and reading its first 64 KiB costs the daemon.
+        The URL carries the session token: it is never logged (see `_get_list_page`)."""
+        url = client.generate_presigned_url("get_object", Params=params, ExpiresIn=900)
+        headers = {"Range": params["Range"]}  # signed with the URL: sent as they were signed
+        if "IfMatch" in params:
+            headers["If-Match"] = params["IfMatch"]
+        response = self._http.send(botocore.awsrequest.AWSRequest("GET", url, headers=headers).prepare())
+        body = response.content
+        if response.status_code == 206:
+            return body
+        if response.status_code == 200:  # the whole object (a server that ignores Range)
+            first = int(params["Range"][len("bytes="):].split("-")[0])
+            return body[first:first + size]
+        raise _client_error(response.status_code, body, "GetObject")
 
     async def get_blocks(self, path: str, start: int, end: int, block_size: int,
                          etag: str | None = None, each: Callable[[int, bytes], None] | None = None,
@@ -449,6 +467,18 @@ def _parse_list_page(body: bytes, base: str, path: str) -> _Page:
         elif tag == prefixes:
             dirs.append(unquote(element.findtext(S3_XMLNS + "Prefix", ""))[skip:])
     return _Page(files, dirs)
+
+
+def _client_error(status: int, body: bytes, operation: str) -> botocore.exceptions.ClientError:
+    """The ClientError botocore would raise for an S3 error answer, for `_call` to map."""
+    try:
+        error = {e.tag.rpartition("}")[2]: e.text for e in ElementTree.fromstring(body)}
+    except ElementTree.ParseError:
+        error = {}
+    code = error.get("Code") or str(status)
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": error.get("Message") or ""},
+         "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
 
 
 def _map_client_error(exc: botocore.exceptions.ClientError, kind: str, path: str) -> MinervaError:
