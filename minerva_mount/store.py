@@ -241,15 +241,7 @@ class S3Store:
         body = response.content
         if response.status_code == 200 and body.rstrip().endswith(b"</ListBucketResult>"):
             return body
-        try:
-            error = {e.tag.rpartition("}")[2]: e.text for e in ElementTree.fromstring(body)}
-        except ElementTree.ParseError:
-            error = {}
-        status = response.status_code
-        code = error.get("Code") or ("InternalError" if status == 200 else str(status))  # 200: cut off
-        raise botocore.exceptions.ClientError(
-            {"Error": {"Code": code, "Message": error.get("Message") or ""},
-             "ResponseMetadata": {"HTTPStatusCode": status}}, "ListObjectsV2")
+        raise _client_error(response.status_code, body, "ListObjectsV2")
 
     async def list_tree(self, path: str) -> list[ObjectInfo]:
         """Every object under `path` (ends with '/'), folder markers included, all levels."""
@@ -475,7 +467,7 @@ def _client_error(status: int, body: bytes, operation: str) -> botocore.exceptio
         error = {e.tag.rpartition("}")[2]: e.text for e in ElementTree.fromstring(body)}
     except ElementTree.ParseError:
         error = {}
-    code = error.get("Code") or str(status)
+    code = error.get("Code") or ("InternalError" if status == 200 else str(status))  # 200: cut off
     return botocore.exceptions.ClientError(
         {"Error": {"Code": code, "Message": error.get("Message") or ""},
          "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
