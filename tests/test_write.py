@@ -85,6 +85,36 @@ def test_streamed_copy_arrives_once_and_whole(mount, local_minerva, observer, tm
     observer.check({"Incoming/big.bin": {len(data)}})
 
 
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_4_gib_copied_in_keeps_the_daemon_under_300_mib(mount, local_minerva, observer):
+    """Parts in flight are bounded, so memory does not grow with the file (issue 4, 6.)."""
+    size, digest = 4 << 30, hashlib.sha256()
+    pattern = os.urandom(MIB + 1)  # each MiB written starts one byte further along
+    with open(mount.path / "Incoming" / "4g.bin", "wb") as f:
+        for i in range(size // MIB):
+            start = i % (MIB + 1)
+            piece = (pattern[start:] + pattern[:start])[:MIB]
+            f.write(piece)
+            digest.update(piece)
+    assert _peak_rss_mib(mount.proc.pid) < 300
+    observer.stop()
+    observer.check({"Incoming/4g.bin": {size}})
+    body = local_minerva.admin().get_object(Bucket=local_minerva.bucket,
+                                            Key=local_minerva.prefix + "Incoming/4g.bin")["Body"]
+    stored = hashlib.sha256()
+    while chunk := body.read(8 * MIB):
+        stored.update(chunk)
+    assert stored.hexdigest() == digest.hexdigest()
+    local_minerva.admin().delete_object(Bucket=local_minerva.bucket,
+                                        Key=local_minerva.prefix + "Incoming/4g.bin")
+
+
 def test_in_place_changes_go_up_whole_at_close(mount, local_minerva, observer):
     base = os.urandom(12 * MIB + 5)
     local_minerva.put("Incoming/data.bin", base)
