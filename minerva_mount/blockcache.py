@@ -110,8 +110,8 @@ class BlockCache:
             if not sub.is_dir(follow_symlinks=False):
                 continue
             for entry in os.scandir(sub.path):
-                match = _NAME.match(entry.name)
-                blocks = self._live_blocks(entry.path, match) if match else None
+                run = _parse_run(entry.name)
+                blocks = self._live_blocks(entry.path, *run) if run else None
                 if blocks is None:
                     _unlink(entry.path)  # a write cut short by a crash, an old format, a stranger
                     continue
@@ -120,9 +120,8 @@ class BlockCache:
         found.sort()  # oldest first: a block in two runs (refetched after damage) takes the newer
         return [(name, size, blocks) for _, name, size, blocks in found]
 
-    def _live_blocks(self, path: str, match: re.Match) -> list[str] | None:
+    def _live_blocks(self, path: str, stem: str, first: int, count: int) -> list[str] | None:
         """Names of the blocks a run file holds, from its header; None if it is not a run."""
-        stem, first, count = match.group(1), int(match.group(2)), int(match.group(3))
         try:
             with open(path, "rb") as f:
                 head = f.read(header_size(count))
@@ -160,8 +159,7 @@ class BlockCache:
         if run is None:
             return None
         self._runs.move_to_end(run)
-        match = _NAME.match(run)
-        first, count = int(match.group(2)), int(match.group(3))
+        _, first, count = _parse_run(run)
         slot = int(name.rsplit("-", 1)[1]) - first
         data = await trio.to_thread.run_sync(self._read, self._path(run), slot, count,
                                              limiter=self._limiter)
@@ -252,8 +250,7 @@ class BlockCache:
         while self.used > self.max_bytes and self._runs:
             run, size = self._runs.popitem(last=False)
             self.used -= size
-            match = _NAME.match(run)
-            stem, first, count = match.group(1), int(match.group(2)), int(match.group(3))
+            stem, first, count = _parse_run(run)
             for index in range(first, first + count):
                 name = f"{stem}-{index}"
                 if self._index.get(name) == run:
@@ -333,6 +330,12 @@ class RunWriter:
             self._fd = None
         if not self.done:
             _unlink(self._tmp)
+
+
+def _parse_run(run: str) -> tuple[str, int, int] | None:
+    """(object id, first block, block count) from a run file's name; None for any other name."""
+    match = _NAME.match(run)
+    return (match.group(1), int(match.group(2)), int(match.group(3))) if match else None
 
 
 def _runs_of(blocks: list[tuple[str, bytes]], longest: int) -> list[Run]:

@@ -136,6 +136,10 @@ class Core:
             return local
         return (await self._listing(dir_path)).get(name, MISSING)
 
+    def _holds_files_in(self, dir_path: str) -> bool:
+        """Whether a file of this folder is being written or staged here."""
+        return any(p.rpartition("/")[0] == dir_path for p in [*self.pending, *self.staged])
+
     async def _entries(self, dir_path: str) -> dict[str, ObjectInfo | None]:
         """The whole folder with the files held here on top (for readdir)."""
         result = dict(await self._listing(dir_path))
@@ -312,8 +316,8 @@ class Core:
             entries = await self._entries(node.path)
             snapshot = [(name, self._node_for(join(node.path, name), entry))
                         for name, entry in sorted(entries.items())]
-            local = any(p.rpartition("/")[0] == node.path for p in [*self.pending, *self.staged])
-            if self.listings.get(node.path) is listing and not local and len(snapshot) <= SNAPSHOT_ENTRIES:
+            if (self.listings.get(node.path) is listing and not self._holds_files_in(node.path)
+                    and len(snapshot) <= SNAPSHOT_ENTRIES):
                 self._snapshots[node.path] = (listing, version, snapshot)
         fh = self._take_fh()
         self.listings.opened(fh, node.path)
@@ -329,7 +333,7 @@ class Core:
         cached = self._snapshots.get(dir_path)
         if cached is None or cached[0] is not listing or cached[1] != self.listings.version:
             return None
-        if any(p.rpartition("/")[0] == dir_path for p in [*self.pending, *self.staged]):
+        if self._holds_files_in(dir_path):
             return None
         by_path, prefix = self.inodes.by_path, join(dir_path, "")
         if any(by_path.get(prefix + name) is not node for name, node in cached[2]):

@@ -134,6 +134,15 @@ def running_local_minerva(state: Path, *args: str):
         shutil.rmtree(state / "seaweed", ignore_errors=True)  # the objects; logs stay for a look
 
 
+@contextlib.contextmanager
+def local_minerva_with_lifetime(tmp_path_factory, lifetime: int):
+    """A second local Minerva whose credentials live `lifetime` seconds; faults off at the end."""
+    with running_local_minerva(tmp_path_factory.mktemp(f"lifetime-{lifetime}"),
+                               "--credential-lifetime", str(lifetime)) as local:
+        yield local
+        local.fault("ok")
+
+
 @dataclass
 class Mount:
     path: Path

@@ -10,7 +10,7 @@ import random
 import time
 
 import pytest
-from conftest import running_local_minerva, wait_for
+from conftest import local_minerva_with_lifetime, wait_for
 
 LIFETIME = 20
 WORKLOAD_SECONDS = 180.0  # how long the workload runs (its length, not a timing assertion)
@@ -20,10 +20,8 @@ KEEP = 20  # files the workload keeps in Incoming/; older ones are deleted
 
 @pytest.fixture(scope="module")
 def short_lived(tmp_path_factory):
-    with running_local_minerva(tmp_path_factory.mktemp("short-lived"),
-                               "--credential-lifetime", str(LIFETIME)) as local:
+    with local_minerva_with_lifetime(tmp_path_factory, LIFETIME) as local:
         yield local
-        local.fault("ok")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 from urllib.parse import urlparse
 
 import pytest
-from conftest import running_local_minerva
+from conftest import local_minerva_with_lifetime
 
 LIFETIME = 100
 FAIL_500_SECONDS, REFUSED_SECONDS = 50.0, 15.0  # the outage phases: the refresh due 50 s after
@@ -76,10 +76,8 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 
 @pytest.fixture(scope="module")
 def hundred_second_creds(tmp_path_factory):
-    with running_local_minerva(tmp_path_factory.mktemp("lifetime-100"),
-                               "--credential-lifetime", str(LIFETIME)) as local:
+    with local_minerva_with_lifetime(tmp_path_factory, LIFETIME) as local:
         yield local
-        local.fault("ok")
 
 
 def test_a_minute_of_500s_then_refused_connections_while_credentials_are_valid(
