@@ -80,6 +80,15 @@ def test_reads_across_block_edges_at_and_beyond_eof(reading, local_minerva):
     out = subprocess.run(["dd", f"if={path}", "bs=1M", "status=none"], check=True,
                          capture_output=True).stdout
     assert out == data
+    # 256 KiB reads in a row (as fio's): the kernel's readahead then asks for 1 MiB at a time
+    # starting mid-block, so every request spans two blocks.
+    drop_pages(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = [os.pread(fd, 256 * 1024, at) for at in range(0, size, 256 * 1024)]
+    finally:
+        os.close(fd)
+    assert b"".join(chunks) == data
 
 
 def test_random_64k_reads_and_blocks_reused_after_restart(reading, local_minerva):
