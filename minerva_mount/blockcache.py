@@ -3,13 +3,14 @@
 A changed object has a new ETag, hence new block names: old bytes are never served, they
 simply age out. Blocks are stored in runs: one file holds the consecutive blocks one GET
 fetched (up to 32), since creating a file per block cost ~9% of the daemon's CPU on a cold
-read (ext4 inode allocation), and a cold read is CPU-bound. The GET's worker thread writes
-the file as the blocks arrive (RunWriter). A run file starts with a header holding,
+read (ext4 inode allocation), and a cold read is CPU-bound. Run files are written by one
+thread at idle CPU priority (idle.py), so caching never takes CPU from the reads that
+fetched the blocks (RunWriter). A run file starts with a header holding,
 per block, its length and CRC-32; a block that fails the check (corrupt, truncated) is marked
 dead in that header and reported as a miss, so the caller fetches it again (into a new run).
 The index (one small entry per block, one per run) is rebuilt from the run headers at start,
 so blocks survive daemon restarts while memory stays bounded by the number of blocks, not
-their bytes. Eviction is LRU by run; all disk I/O runs in worker threads under a
+their bytes. Eviction is LRU by run; reads and deletions run in worker threads under a
 CapacityLimiter.
 """
 
@@ -23,6 +24,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import trio
+
+from .idle import IdleWorker
 
 try:  # ISA-L's CRC-32: the same value as zlib's, about 30x faster (zlib's costs ~0.5 s CPU/GiB)
     from isal.isal_zlib import crc32
@@ -86,6 +89,7 @@ class BlockCache:
         self._index: dict[str, str] = {}  # block name -> name of the run file holding it
         self._runs: OrderedDict[str, int] = OrderedDict()  # run file name -> bytes on disk, LRU first
         self._writing: set[str] = set()
+        self._writer = IdleWorker("block cache writer")
         self.used = 0
         self.dropped_corrupt = 0
 
@@ -193,21 +197,12 @@ class BlockCache:
             os.close(fd)
         return None
 
-    def run_writer(self, names: list[str], lengths: list[int]) -> "RunWriter | None":
-        """A writer for the run of blocks `names` (consecutive, of one object version) that
-        a GET is about to fetch, to be fed in the fetching thread; None if the run does not
-        fit this cache, or is already in it."""
-        if not names or len(names) > self.longest_run or all(name in self._index for name in names):
-            return None
-        stem, first = names[0].rsplit("-", 1)
-        return RunWriter(self, stem, int(first), lengths)
-
     @property
     def longest_run(self) -> int:
         """Runs stay within a quarter of the cap, so eviction frees room in small steps."""
         return max(1, min(MAX_RUN, self.max_bytes // (4 * self.block_size)))
 
-    async def commit(self, writer: "RunWriter") -> None:
+    async def _commit(self, writer: "RunWriter") -> None:
         """Index a run its writer completed (else drop what it wrote), then evict to the cap."""
         if not writer.done:
             writer.discard()
@@ -229,12 +224,11 @@ class BlockCache:
             return
         self._writing.update(name for name, _ in todo)
         try:
-            written = await trio.to_thread.run_sync(self._write_all, _runs_of(todo, self.longest_run),
-                                                    limiter=self._limiter)
+            written = await self._writer.run(self._write_all, _runs_of(todo, self.longest_run))
         finally:
             self._writing.difference_update(name for name, _ in todo)
         for writer in written:
-            await self.commit(writer)
+            await self._commit(writer)
 
     def _write_all(self, runs: list[Run]) -> list["RunWriter"]:
         written = []
@@ -261,15 +255,13 @@ class BlockCache:
 
 
 class RunWriter:
-    """Writes one run file as its blocks arrive, from the thread that fetched them.
+    """Writes one run file, block by block (in the cache's idle-priority thread).
 
-    A block written (and checksummed) right after it came off the socket is still in the
-    CPU's cache; written later from memory, the same copy costs ~0.4 s more CPU per GiB.
     Blocks go after the header's room; the header, with every block's CRC-32, is written
-    last, then the file is renamed into place: a crash or a failed GET leaves only a .tmp
-    file. A GET retried from its start starts the file again. Disk errors never fail the
-    read: the run is just not cached. (A write per block, never one writev of the run: large
-    writes make the kernel fill 2 MiB page-cache folios, ~4x the CPU per byte on a VM.)
+    last, then the file is renamed into place: a crash leaves only a .tmp file, removed at
+    the next start. Disk errors never fail a read: the run is just not cached. (A write per
+    block, never one writev of the run: large writes make the kernel fill 2 MiB page-cache
+    folios, ~4x the CPU per byte on a VM.)
     """
 
     def __init__(self, cache: BlockCache, stem: str, first: int, lengths: list[int]):
@@ -282,25 +274,20 @@ class RunWriter:
         self._lengths = lengths
         self._crcs: list[int] = []
         self._fd: int | None = None
-        self._at = 0
+        self._at = data_offset(len(lengths))
         self.done = False
         self.failed = not self.size
 
     def add(self, index: int, data) -> None:
-        """Block `index` of the run (in order; 0 again when the GET starts over)."""
+        """Block `index` of the run, in order."""
         if self.failed or self.done:
             return
         try:
-            if index == 0 and self._fd is not None:
-                os.ftruncate(self._fd, 0)
-                self._crcs.clear()
             if index != len(self._crcs) or len(data) != self._lengths[index]:
                 raise ValueError(f"block {index} of {len(data)} bytes out of place")
             if self._fd is None:
                 os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
                 self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            if not self._crcs:
-                self._at = data_offset(len(self._lengths))
             self._crcs.append(crc32(data))
             view = memoryview(data)
             while view:
@@ -324,7 +311,7 @@ class RunWriter:
         self.done = True
 
     def discard(self) -> None:
-        """Drop an unfinished file (a failed or cut GET)."""
+        """Drop an unfinished file."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

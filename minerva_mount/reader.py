@@ -25,7 +25,8 @@ GET_SIZE = 32 << 20  # one ranged GET fetches up to this much of a readahead win
 MAX_GETS = 8  # readahead GETs in flight, all files together
 MEMORY_BYTES = 256 << 20  # blocks held in memory, all files together
 MAX_PENDING_WRITES = 4  # fetched runs (up to GET_SIZE each) waiting for the disk cache;
-# beyond that a run is not cached: on a busy machine, stalling reads for the cache costs more
+# beyond that a run is not cached: the cache writes at idle CPU priority, and on a busy machine
+# holding reads up for it costs more than fetching those blocks again some day
 
 
 class Blocks:
@@ -45,7 +46,6 @@ class Blocks:
         self._gets = trio.CapacityLimiter(MAX_GETS)
         self._ids: dict[tuple[str, str], str] = {}  # (path, etag) -> hashed file-name stem
         self._writes = trio.Semaphore(MAX_PENDING_WRITES)
-        self._teeing = 0  # GETs writing their blocks to the disk cache as they arrive
         self.skipped_writes = 0  # fetched blocks not cached on disk because writes fell behind
         self.hits = self.misses = 0  # blocks a read found in memory or on disk / had to fetch
 
@@ -60,7 +60,7 @@ class Blocks:
     @property
     def pending_writes(self) -> int:
         """Fetched runs not yet written to the disk cache."""
-        return MAX_PENDING_WRITES - self._writes.value + self._teeing
+        return MAX_PENDING_WRITES - self._writes.value
 
     def count(self, info: ObjectInfo) -> int:
         return -(-info.size // self.block_size)
@@ -195,24 +195,19 @@ class Blocks:
             self._release(claimed)
 
     async def _fetch(self, info: ObjectInfo, first: int, last: int, claimed=None) -> list[memoryview]:
-        """GET blocks [first, last) in one request; keep them in memory and on disk.
+        """GET blocks [first, last) in one request; keep them in memory, and on disk if the
+        cache keeps up.
 
         Readahead (`claimed` given) waits for a slot among MAX_GETS; a read waiting on its
-        block goes first. The disk cache's copy is written by the thread that reads the body,
-        block by block as they arrive (see RunWriter).
+        block goes first.
         """
         names = [self._name(info, i) for i in range(first, last)]
         limited = claimed is not None
         if claimed is None:
             claimed = self._claim(names)
         start, end = first * self.block_size, min(last * self.block_size, info.size)
-        writer = None
-        if self.cache is not None and info.etag:
-            lengths = [min(self.block_size, end - at) for at in range(start, end, self.block_size)]
-            writer = self.cache.run_writer(names, lengths)
-        self._teeing += writer is not None
         try:
-            args = (info.path, start, end, self.block_size, info.etag or None, writer and writer.add)
+            args = (info.path, start, end, self.block_size, info.etag or None)
             if limited:
                 async with self._gets:
                     pieces = await self.store.get_blocks(*args)
@@ -224,22 +219,12 @@ class Blocks:
             blocks = [memoryview(piece) for piece in pieces]
             for name, block in zip(names, blocks, strict=True):
                 self._remember(name, block)
-        except BaseException:
-            if writer is not None:
-                writer.discard()
-                self._teeing -= 1
-            raise
         finally:
             self._release(claimed)
-        if writer is not None:
-            try:
-                await self.cache.commit(writer)
-            finally:
-                self._teeing -= 1
-        elif self.cache is not None and info.etag:  # a run longer than a small cache takes
+        if self.cache is not None and info.etag:
             try:
                 self._writes.acquire_nowait()  # bounds the bytes waiting to be written
-            except trio.WouldBlock:  # the disk is behind: reading on beats caching everything
+            except trio.WouldBlock:  # the disk cache is behind: reading on beats caching all
                 self.skipped_writes += len(blocks)
             else:
                 self.nursery.start_soon(self._write, list(zip(names, blocks, strict=True)))

@@ -294,15 +294,12 @@ class S3Store:
         raise _client_error(response.status_code, body, "GetObject")
 
     async def get_blocks(self, path: str, start: int, end: int, block_size: int,
-                         etag: str | None = None, each: Callable[[int, bytes], None] | None = None,
-                         ) -> list[bytes]:
+                         etag: str | None = None) -> list[bytes]:
         """Bytes [start, end) in one GET, as pieces of `block_size` (the last may be shorter).
 
         The body is read piece by piece: each piece is its own allocation of one size, which
         malloc hands out again once a piece is freed. One 16 MiB bytes per GET instead comes
         fresh from the kernel each time, page by page (~0.4 s CPU per GiB in page faults).
-        `each(index, piece)` is called in the worker thread as each whole piece arrives, while
-        it is in the CPU's cache (index 0 again if the GET is retried); it must not raise.
         """
         kwargs = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
         if etag:
@@ -321,8 +318,6 @@ class S3Store:
                     piece += more
                 if len(piece) < want:
                     break  # the body ended early: the caller finds the bytes short
-                if each is not None:
-                    each(len(pieces), piece)
                 pieces.append(piece)
                 left -= want
             body.close()
