@@ -51,7 +51,8 @@ class Blocks:
 
     def stats(self) -> dict:
         """For `minerva-mount status`: blocks served at hand vs fetched, and the disk cache."""
-        stats = {"hits": self.hits, "misses": self.misses, "memory_bytes": self._memory_used}
+        stats = {"hits": self.hits, "misses": self.misses, "memory_bytes": self._memory_used,
+                 "skipped_writes": self.skipped_writes}
         if self.cache is not None:
             stats.update(dir=str(self.cache.root), disk_bytes=self.cache.used,
                          disk_max_bytes=self.cache.max_bytes, corrupt_dropped=self.cache.dropped_corrupt)

@@ -11,7 +11,7 @@ from minerva_mount.blockcache import BlockCache, data_offset, parse_size, run_fi
 from minerva_mount.core import Core
 from minerva_mount.errors import StoreError
 from minerva_mount.fakestore import FakeStore
-from minerva_mount.reader import GET_SIZE, Blocks, Reader
+from minerva_mount.reader import GET_SIZE, MAX_PENDING_WRITES, Blocks, Reader
 from minerva_mount.store import ObjectChanged
 
 BS = 64 * 1024  # small blocks keep the data small
@@ -354,3 +354,31 @@ def test_a_completed_get_is_cached_as_one_run_and_a_failed_one_leaves_nothing(tm
         assert await read_all(blocks, info, chunk=BS) == data
         assert (store.ranges == []) != fail  # all from disk, unless nothing was cached
     run(again, tmp_path)
+
+
+def test_reads_go_on_when_the_cache_writes_fall_behind(tmp_path):
+    """Cache writes run at idle priority; on a saturated machine they stall. Reads must not
+    wait for them: beyond MAX_PENDING_WRITES runs, fetched blocks are served and not cached."""
+    data = data_of(6 * BS)
+
+    async def main():
+        store = RangeStore()
+        info = store.add("Outgoing/slow.bin", data)
+        cache = BlockCache(tmp_path, 1 << 30, block_size=BS)
+        await cache.open()
+        release = trio.Event()
+
+        async def stalled(blocks):
+            await release.wait()
+        cache.put_many = stalled
+        async with trio.open_nursery() as nursery:
+            blocks = Blocks(store, nursery, cache)
+            with trio.fail_after(10):
+                for i in range(6):
+                    assert await blocks.get_exact(info, i * BS, (i + 1) * BS) == data[i * BS:(i + 1) * BS]
+            assert blocks.pending_writes == MAX_PENDING_WRITES
+            assert blocks.stats()["skipped_writes"] == 6 - MAX_PENDING_WRITES
+            release.set()
+            await settle(blocks)
+            nursery.cancel_scope.cancel()
+    trio.run(main)

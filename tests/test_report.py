@@ -46,6 +46,7 @@ def test_snapshot_counts_bytes_written_and_uploaded_then_the_completed_file():
             assert report["uploads"] == [] and report["uploads_completed"] == 1
             assert report["area"] == "s3://b/acme/" and report["credentials"]["seconds_left"] == 3600
             assert report["cache"]["hits"] == report["cache"]["misses"] == 0  # block cache, no reads yet
+            assert report["cache"]["skipped_writes"] == 0
             nursery.cancel_scope.cancel()
     trio.run(main)
 
