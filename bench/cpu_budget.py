@@ -7,7 +7,8 @@ and socket paths, the daemon and the reading program share the cores. This scrip
 - `boto3`: one GET stream read in 1 MiB chunks (no FUSE): what the server itself costs;
 - `null-fuse`: `dd` from a pyfuse3 file system that answers every read with a view of one
   buffer in memory (no S3, no copy in Python): the floor of any pyfuse3 daemon on this machine;
-- `minerva-mount`: `dd` from a fresh mount with a fresh block cache.
+- `minerva-mount`: `dd` from a fresh mount with a fresh block cache;
+- `s3fs`: `dd` from a fresh s3fs-fuse mount, configured as in bench/run.py (if installed).
 
 For each it prints MB/s and core-seconds per GiB: the whole machine (from /proc/stat), the S3
 server (weed) and the client process (daemon, or boto3's). Run as root (drop_caches):
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,7 +121,9 @@ def main() -> int:
         server.admin().upload_file(str(data), server.bucket, key)
         data.unlink()
         (work / "null").mkdir()
-        minerva = peers.MinervaPeer(server, work, cleanup)
+        mounts = [peers.MinervaPeer(server, work, cleanup)]
+        if shutil.which("s3fs"):
+            mounts.append(peers.S3fsPeer(server, work, cleanup))
         print(f"{os.cpu_count()} CPUs; 1 GiB object, page cache dropped before each read", flush=True)
         for _ in range(args.rounds):
             measure("boto3", lambda: w.get_stream(server.admin(), server.bucket, key), None, weed)
@@ -130,12 +134,13 @@ def main() -> int:
             peers.fuse_unmount(work / "null")
             null.wait(30)
             cleanup.discard(null)
-            mount = minerva.mount()
-            try:
-                path = mount.path / "Outgoing" / "big.bin"
-                measure("minerva-mount", lambda path=path: dd(path), mount.proc.pid, weed)
-            finally:
-                minerva.release(mount)
+            for peer in mounts:
+                mount = peer.mount()
+                try:
+                    path = mount.path / "Outgoing" / "big.bin"
+                    measure(peer.name, lambda path=path: dd(path), mount.proc.pid, weed)
+                finally:
+                    peer.release(mount)
     finally:
         cleanup.close()
         w.remove_tree(work)
