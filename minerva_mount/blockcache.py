@@ -4,8 +4,8 @@ A changed object has a new ETag, hence new block names: old bytes are never serv
 simply age out. Blocks are stored in runs: one file holds the consecutive blocks one GET
 fetched (up to 32), since creating a file per block cost ~9% of the daemon's CPU on a cold
 read (ext4 inode allocation), and a cold read is CPU-bound. Run files are written by one
-thread at idle CPU priority (idle.py), so caching never takes CPU from the reads that
-fetched the blocks (RunWriter). A run file starts with a header holding,
+thread at idle CPU priority (idle.py), so caching only uses CPU time the reads that fetched
+the blocks leave over (RunWriter). A run file starts with a header holding,
 per block, its length and CRC-32; a block that fails the check (corrupt, truncated) is marked
 dead in that header and reported as a miss, so the caller fetches it again (into a new run).
 The index (one small entry per block, one per run) is rebuilt from the run headers at start,

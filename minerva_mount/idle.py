@@ -9,7 +9,8 @@ behind, the cache skips runs instead of holding the read up (reader.Blocks).
 
 Linux lets a thread drop to SCHED_IDLE but not come back without privilege, so the work gets
 a thread of its own rather than one of trio's shared workers. The thread ends after `linger`
-seconds without work and is started again when work comes; at most `slots` jobs wait for it.
+seconds without work and is started again when work comes. At most `slots` callers wait for
+it; a caller cancelled meanwhile (the daemon stopping) frees its slot while its job still runs.
 """
 
 import contextlib
