@@ -216,8 +216,9 @@ class BlockCache:
         await self.put_many([(name, data)])
 
     async def put_many(self, blocks: list[tuple[str, bytes]]) -> None:
-        """Store blocks, consecutive ones of an object in one run file each, in one
-        worker-thread call (atomically each: a crash leaves a .tmp file, removed at next start)."""
+        """Store blocks, consecutive ones of an object in one run file each, in one call to
+        the idle-priority writer (atomically each: a crash leaves a .tmp file, removed at next
+        start)."""
         todo = [(name, data) for name, data in blocks if name not in self._index
                 and name not in self._writing]
         if not todo:

@@ -41,7 +41,6 @@ class Blocks:
         self.memory_bytes = memory_bytes
         self._memory: OrderedDict[str, memoryview] = OrderedDict()
         self._memory_used = 0
-        self._buffers: dict[int, list[int]] = {}  # id(buffer) -> [bytes, blocks in memory]
         self._inflight: dict[str, trio.Event] = {}
         self._gets = trio.CapacityLimiter(MAX_GETS)
         self._ids: dict[tuple[str, str], str] = {}  # (path, etag) -> hashed file-name stem
@@ -75,25 +74,18 @@ class Blocks:
         return f"{stem}-{index}"
 
     def _remember(self, name: str, data: memoryview) -> None:
-        """Keep a block in memory. A block is a view into the buffer of the GET that fetched
-        it, which lives while any of its blocks does: memory is counted by buffers."""
+        """Keep a block in memory (each block is its own buffer: a GET's body is read piece
+        by piece, see S3Store.get_blocks), dropping the least recently used beyond the budget."""
         self._forget(name)
         self._memory[name] = data
-        counted = self._buffers.setdefault(id(data.obj), [len(data.obj), 0])
-        if counted[1] == 0:
-            self._memory_used += counted[0]
-        counted[1] += 1
+        self._memory_used += len(data)
         while self._memory_used > self.memory_bytes and len(self._memory) > 1:
             self._forget(next(iter(self._memory)))
 
     def _forget(self, name: str) -> None:
         data = self._memory.pop(name, None)
         if data is not None:
-            counted = self._buffers[id(data.obj)]
-            counted[1] -= 1
-            if counted[1] == 0:
-                del self._buffers[id(data.obj)]
-                self._memory_used -= counted[0]
+            self._memory_used -= len(data)
 
     async def get(self, info: ObjectInfo, index: int) -> memoryview:
         """Block `index` of the object version `info`, fetched if nobody has it."""

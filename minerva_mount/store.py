@@ -270,10 +270,15 @@ class S3Store:
 
     async def get_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
         """Bytes [start, end) of the object; ObjectChanged if it no longer has `etag`."""
-        kwargs = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
-        if etag:
-            kwargs["IfMatch"] = f'"{etag}"'
+        kwargs = self._range_params(path, start, end, etag)
         return await self._call("get", path, lambda c: self._get_small(c, kwargs, end - start))
+
+    def _range_params(self, path: str, start: int, end: int, etag: str | None) -> dict:
+        """GetObject parameters for bytes [start, end), pinned to `etag` when given."""
+        params = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
+        if etag:
+            params["IfMatch"] = f'"{etag}"'
+        return params
 
     def _get_small(self, client, params: dict, size: int) -> bytes:
         """A ranged GetObject sent as LIST pages are (see `_get_list_page`): a presigned URL on
@@ -301,9 +306,7 @@ class S3Store:
         malloc hands out again once a piece is freed. One 16 MiB bytes per GET instead comes
         fresh from the kernel each time, page by page (~0.4 s CPU per GiB in page faults).
         """
-        kwargs = {"Bucket": self.bucket, "Key": self._key(path), "Range": f"bytes={start}-{end - 1}"}
-        if etag:
-            kwargs["IfMatch"] = f'"{etag}"'
+        kwargs = self._range_params(path, start, end, etag)
 
         def fetch(client) -> list[bytes]:
             body = client.get_object(**kwargs)["Body"]
