@@ -81,8 +81,12 @@ class Handle:
 
 class Core:
     def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None,
-                 staging_dir: str | None = None, mountpoint: str | None = None):
+                 staging_dir: str | None = None, mountpoint: str | None = None, still_open=None):
         self.store = store
+        # still_open(fh) -> bool: after a close() of a descriptor of `fh`, does another
+        # descriptor of the same open file remain (dup, fork)? Tests answer exactly; a real
+        # mount asks /proc (openers.py).
+        self.still_open = still_open
         self.nursery = nursery
         self.blocks = Blocks(store, nursery, cache)
         self.page_cache_etags: dict[int, str] = {}  # inode -> ETag the kernel's pages hold
@@ -539,7 +543,10 @@ class Core:
         stdout and close the original first, so that flush is not the end of the file.
         """
         handle = self.handles[fh]
-        if await self._copy_still_open(handle):
+        if self.still_open is not None:
+            if (handle.upload or handle.writer) and self.still_open(fh):
+                return
+        elif await self._copy_still_open(handle):
             return
         if handle.upload is not None and handle.upload.written:
             await self._publish(handle)

@@ -6,7 +6,7 @@ import os
 import signal
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 
 def _stat_errno(path) -> int:

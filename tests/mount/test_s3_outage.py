@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 OUTAGE = 15.0  # seconds S3 stays down; the outage's length, not a synchronisation
 BIG = 500 << 20

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import trio
-from conftest import wait_for
+from helpers import wait_for
 
 from minerva_mount.credentials import CredentialProvider
 from minerva_mount.store import MTIME_META, S3Store

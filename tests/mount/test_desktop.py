@@ -13,7 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 # GIO without a session bus: the local VFS and the plain unix volume monitor, as GIO would use
 # them inside a desktop session, minus gvfs (which needs D-Bus).

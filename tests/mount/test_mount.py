@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from minerva_mount.local.procs import process_gone
 

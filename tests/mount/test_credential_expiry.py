@@ -10,7 +10,7 @@ import random
 import time
 
 import pytest
-from conftest import local_minerva_with_lifetime, wait_for
+from helpers import local_minerva_with_lifetime, wait_for
 
 LIFETIME = 20
 WORKLOAD_SECONDS = 180.0  # how long the workload runs (its length, not a timing assertion)

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import stop_process, wait_for
+from helpers import stop_process, wait_for
 
 from minerva_mount.commands.service import unit_text
 from minerva_mount.commands.status import human_bytes

@@ -16,7 +16,7 @@ import time
 from urllib.parse import urlparse
 
 import pytest
-from conftest import local_minerva_with_lifetime
+from helpers import local_minerva_with_lifetime
 
 LIFETIME = 100
 FAIL_500_SECONDS, REFUSED_SECONDS = 50.0, 15.0  # the outage phases: the refresh due 50 s after

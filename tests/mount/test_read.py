@@ -12,7 +12,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 MIB = 1 << 20
 

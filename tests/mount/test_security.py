@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import MOUNT_LOGS, wait_for
+from helpers import MOUNT_LOGS, wait_for
 
 from minerva_mount.local.procs import process_gone
 
