@@ -7,6 +7,7 @@ come from flags, `-o` options, the environment and the config file (config.py).
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -50,37 +51,17 @@ def _parser() -> argparse.ArgumentParser:
                "to try it. Settings: flags > environment > config file (--print-config shows them).")
     # [SOURCE] MOUNTPOINT: mount.fuse3 (fstab type fuse.minerva-mount) passes a source first.
     p.add_argument("places", nargs="*", metavar="MOUNTPOINT",
-                   help="an empty folder to mount on (default ~/minerva)")
+                   help=_escape(configuration.BY_NAME["mountpoint"].help_text))
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    p.add_argument("--api-url", help="Minerva API (env MINERVA_API_URL; default "
-                   f"{configuration.DEFAULT_API_URL})")
-    p.add_argument("--api-key-file", help="file holding the API key, readable by you alone "
-                   "(or env MINERVA_API_KEY)")
-    p.add_argument("--s3-endpoint-url", help="S3 endpoint, for the local Minerva (env AWS_ENDPOINT_URL_S3)")
-    p.add_argument("--allow-other", action="store_const", const=True, help="let other users see the mount")
-    p.add_argument("--log-file", help="log here (default: stderr in the foreground, "
-                   "~/.local/state/minerva-mount/minerva-mount.log otherwise)")
-    p.add_argument("--cache-dir", help="block cache and staging folder (env MINERVA_CACHE_DIR; default "
-                   "$XDG_CACHE_HOME/minerva-mount)")
-    p.add_argument("--cache-size", help="block cache cap, e.g. 512M or 10G (env MINERVA_CACHE_SIZE; "
-                   "default 10G)")
-    p.add_argument("-v", "--verbose", "--debug", dest="debug", action="store_const", const=True,
-                   help="also log each request")
-    p.add_argument("--stop-timeout", type=float, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long open uploads may take to finish")
-    p.add_argument("--credential-wait", type=float, metavar="SECONDS",
-                   help="how long an operation waits for valid credentials while the Minerva API "
-                   "fails, before it fails with EIO (default 60)")
-    p.add_argument("--s3-retry-timeout", type=float, metavar="SECONDS",
-                   help="how long an S3 request is retried while S3 is unreachable or failing, "
-                   "before it fails with EIO (default 60)")
-    p.add_argument("--metadata-ttl", type=float, metavar="SECONDS",
-                   help="how long folder listings and attributes are trusted (default 30)")
-    p.add_argument("--refresh-interval", type=float, metavar="SECONDS",
-                   help="how often folders in use are re-listed to show changes made elsewhere "
-                   "(default 10)")
+    for s in configuration.SETTINGS:  # every setting's flags, from the one table in config.py
+        if not s.flags:
+            continue
+        # Values stay text: config.load converts them as it converts the environment and file.
+        kind = {"action": "store_const", "const": True} if s.kind is bool else {"metavar": s.metavar}
+        p.add_argument(*s.flags, dest=s.name, help=_escape(s.help_text), **kind)
     p.add_argument("-o", dest="options", action="append", metavar="KEY=VALUE,...",
-                   help="settings as mount options, e.g. -o allow_other,api_key_file=~/.minerva-key")
+                   help="any setting above by its config-file name, e.g. "
+                   "-o allow_other,api_key_file=~/.minerva-key")
     p.add_argument("--config", type=Path, help="config file (env MINERVA_CONFIG; default "
                    "~/.config/minerva-mount/config.toml)")
     p.add_argument("--print-config", action="store_true", help="show the effective settings and exit")
@@ -89,15 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def load_config(args) -> configuration.Config:
     if len(args.places) > 2:
         raise configuration.ConfigError("expected at most [SOURCE] MOUNTPOINT")
     flags = configuration.parse_mount_options(args.options)
-    for name in ("api_url", "api_key_file", "s3_endpoint_url", "allow_other", "log_file", "debug",
-                 "stop_timeout", "credential_wait", "s3_retry_timeout", "cache_dir", "cache_size",
-                 "metadata_ttl", "refresh_interval"):
-        if getattr(args, name) is not None:
-            flags[name] = getattr(args, name)
+    for s in configuration.SETTINGS:  # flags win over -o, as the later of two spellings
+        if s.flags and getattr(args, s.name) is not None:
+            flags[s.name] = getattr(args, s.name)
     if args.places:
         flags["mountpoint"] = args.places[-1]
     return configuration.load(flags, os.environ, args.config)
@@ -151,12 +134,9 @@ def mount_main(argv: list[str]) -> int:
     from .daemon import MountError, Settings, serve
 
     setup_logging(args.log_file, config.debug)
-    settings = Settings(mountpoint=args.mountpoint, api_url=config.api_url,
-                        s3_endpoint_url=config.s3_endpoint_url, allow_other=config.allow_other,
-                        stop_timeout=config.stop_timeout, credential_wait=config.credential_wait,
-                        s3_retry_timeout=config.s3_retry_timeout, cache_dir=config.cache_dir,
-                        cache_size=cache_size, metadata_ttl=config.metadata_ttl,
-                        refresh_interval=config.refresh_interval)
+    # Every Settings field that is a setting comes from the config, so a new one needs no line here.
+    same = {f.name: config.values[f.name] for f in dataclasses.fields(Settings) if f.name in config.values}
+    settings = Settings(**same | {"mountpoint": args.mountpoint, "cache_size": cache_size})
 
     def ready() -> None:
         if args.ready_fd is not None:

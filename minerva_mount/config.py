@@ -5,6 +5,11 @@ environment variables, which win over the config file, which wins over the defau
 value remembers where it came from, so `--print-config` can say why a setting is what it is.
 The API key is never a setting: it comes from MINERVA_API_KEY, a key file only its owner can
 read, or systemd credentials, and is shown masked.
+
+SETTINGS below is the only place a setting is declared: the argparse flags (cli.py), `-o`
+keys, environment variables, config-file keys, `--print-config`, `--help` and the daemon's
+defaults (daemon.Settings) all come from it, and tests/unit/test_config.py holds the README
+table to it. Adding a setting is one line there (plus reading it where it is used).
 """
 
 import os
@@ -18,8 +23,8 @@ from typing import Any
 
 from . import paths
 
-DEFAULT_API_URL = "https://api.minerva.io"
 CREDENTIAL_NAME = "minerva-api-key"  # LoadCredential=minerva-api-key:... in the unit
+METAVARS = {float: "SECONDS", Path: "FILE", str: "VALUE"}
 
 
 class ConfigError(Exception):
@@ -28,45 +33,91 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting, in every spelling: file and `-o` key, flags, environment, type, default, help.
+
+    `flags` and `env` are derived from the name unless given (`--stop-timeout`,
+    `MINERVA_STOP_TIMEOUT`), so that a new setting cannot be spelled two ways by accident;
+    `flags=()` marks the positional argument. `kind` (bool, float, str or Path) says how text
+    from any source is converted. A default of None means unset, and `unset` says in words
+    what happens then (stderr, AWS, ...), for `--help`, `--print-config` and the README.
+    """
+
     name: str
     kind: type
-    env: tuple[str, ...]
     default: Any
     help: str
+    unset: str = ""
+    flags: tuple[str, ...] | None = None
+    env: tuple[str, ...] | None = None
+    metavar: str = ""
+
+    def __post_init__(self) -> None:
+        if self.flags is None:
+            object.__setattr__(self, "flags", ("--" + self.name.replace("_", "-"),))
+        if self.env is None:
+            object.__setattr__(self, "env", ("MINERVA_" + self.name.upper(),))
+        if not self.metavar and self.kind is not bool:
+            object.__setattr__(self, "metavar", METAVARS[self.kind])
+
+    @property
+    def option_keys(self) -> frozenset[str]:
+        """Keys accepted in `-o`: the name and each long flag (`-o verbose` is `--verbose`)."""
+        if not self.flags:
+            return frozenset()  # the mount point is mount(8)'s own argument, never an option
+        return frozenset({self.name} | {f[2:].replace("-", "_") for f in self.flags if f.startswith("--")})
+
+    @property
+    def default_text(self) -> str:
+        """The default as a person reads it, the same in `--help`, `--print-config` and README."""
+        if self.default is None:
+            return self.unset
+        if self.kind is bool:
+            return "true" if self.default else "false"
+        if self.kind is float:
+            return f"{self.default:g}"
+        return str(self.default)
+
+    @property
+    def help_text(self) -> str:
+        """The `--help` line: what it does, then where else it can be set and its default."""
+        return f"{self.help} (env {', '.join(self.env)}; default {self.default_text})"
 
 
 SETTINGS = (
-    Setting("mountpoint", Path, ("MINERVA_MOUNTPOINT",), "~/minerva", "the folder to mount on"),
-    Setting("api_url", str, ("MINERVA_API_URL",), DEFAULT_API_URL, "Minerva API"),
-    Setting("api_key_file", Path, ("MINERVA_API_KEY_FILE",), None,
-            "file holding the API key, readable by you alone"),
-    Setting("s3_endpoint_url", str, ("MINERVA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"), None,
-            "S3 endpoint (the local Minerva's); AWS when unset"),
-    Setting("allow_other", bool, ("MINERVA_ALLOW_OTHER",), False, "let other users see the mount"),
-    Setting("log_file", Path, ("MINERVA_LOG_FILE",), None,
-            "log file (default: stderr in the foreground, the state dir otherwise)"),
-    Setting("debug", bool, ("MINERVA_DEBUG",), False, "request-level logs"),
-    Setting("stop_timeout", float, ("MINERVA_STOP_TIMEOUT",), 900.0,
-            "seconds to let uploads finish at stop"),
-    Setting("credential_wait", float, ("MINERVA_CREDENTIAL_WAIT",), 60.0,
-            "seconds an operation waits for valid credentials while the Minerva API fails"),
-    Setting("s3_retry_timeout", float, ("MINERVA_S3_RETRY_TIMEOUT",), 60.0,
-            "seconds an S3 request is retried while S3 is unreachable or failing"),
-    Setting("cache_dir", Path, ("MINERVA_CACHE_DIR",), None,
-            "block cache folder (default: $XDG_CACHE_HOME/minerva-mount)"),
-    Setting("cache_size", str, ("MINERVA_CACHE_SIZE",), "10G", "block cache cap, e.g. 512M or 10G"),
-    Setting("metadata_ttl", float, ("MINERVA_METADATA_TTL",), 30.0,
-            "seconds folder listings and attributes are trusted without a LIST"),
-    Setting("refresh_interval", float, ("MINERVA_REFRESH_INTERVAL",), 10.0,
-            "seconds between re-listings of folders in use (changes made elsewhere show)"),
+    Setting("mountpoint", Path, "~/minerva", "an empty folder to mount on", flags=()),
+    Setting("api_url", str, "https://api.minerva.io", "the Minerva API", metavar="URL"),
+    Setting("api_key_file", Path, None, "file holding the API key, readable by you alone; "
+            "MINERVA_API_KEY or a systemd credential can hold the key instead",
+            "~/.config/minerva-mount/api-key"),
+    Setting("s3_endpoint_url", str, None, "S3 endpoint, e.g. the local Minerva's", "AWS",
+            env=("MINERVA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"), metavar="URL"),
+    Setting("allow_other", bool, False,
+            "let other users see the mount (needs user_allow_other in /etc/fuse.conf)"),
+    Setting("log_file", Path, None, "where the log goes",
+            "stderr with --foreground, else ~/.local/state/minerva-mount/minerva-mount.log"),
+    Setting("debug", bool, False, "also log each S3 request", flags=("-v", "--verbose", "--debug")),
+    Setting("stop_timeout", float, 900.0,
+            "seconds uploads in progress may take to finish after SIGTERM or SIGINT"),
+    Setting("credential_wait", float, 60.0, "seconds an operation waits for valid credentials "
+            "while the Minerva API fails, before it fails with EIO"),
+    Setting("s3_retry_timeout", float, 60.0, "seconds an S3 request is retried while S3 is "
+            "unreachable or failing, before it fails with EIO"),
+    Setting("cache_dir", Path, None, "block cache and staging folder",
+            "$XDG_CACHE_HOME/minerva-mount, i.e. ~/.cache/minerva-mount", metavar="DIR"),
+    Setting("cache_size", str, "10G", "block cache cap, e.g. 512M or 10G", metavar="SIZE"),
+    Setting("metadata_ttl", float, 30.0,
+            "seconds folder listings and attributes are trusted without asking S3"),
+    Setting("refresh_interval", float, 10.0,
+            "seconds between re-listings of folders in use, so changes made elsewhere show"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+DEFAULTS = {s.name: s.default for s in SETTINGS}  # as written in SETTINGS (unconverted: "~/minerva")
+OPTION_KEYS = {key: s.name for s in SETTINGS for key in s.option_keys}
 
 # Options mount(8) and mount.fuse3 hand to every helper; they mean nothing here.
 IGNORED_OPTIONS = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
                    "user", "nouser", "users", "owner", "group", "_netdev", "nofail", "defaults",
                    "async", "sync", "atime", "noatime", "relatime", "nodiratime"}
-OPTION_ALIASES = {"verbose": "debug", "api_key": None}
 
 
 @dataclass
@@ -88,6 +139,8 @@ def _convert(setting: Setting, value: Any, origin: str) -> Any:
     if value is None:
         return None
     try:
+        if isinstance(value, bool) and setting.kind is not bool:  # `-o stop_timeout`, `= true`
+            raise ConfigError(f"{setting.name} from {origin}: needs a {setting.kind.__name__} value")
         if setting.kind is bool:
             if isinstance(value, bool):
                 return value
@@ -116,13 +169,13 @@ def parse_mount_options(options: list[str] | None) -> dict[str, Any]:
             key = key.strip().replace("-", "_")
             if key in IGNORED_OPTIONS or key.startswith(("x_", "comment")):
                 continue
-            key = OPTION_ALIASES.get(key, key)
-            if key is None:
-                raise ConfigError(f"-o {item.split('=')[0]}: the API key never goes on a command line; "
+            if key == "api_key":
+                raise ConfigError(f"-o {key}: the API key never goes on a command line; "
                                   "use api_key_file=FILE")
-            if key not in BY_NAME or key == "mountpoint":
+            if key not in OPTION_KEYS:
                 raise ConfigError(f"-o {item.split('=')[0]}: unknown option (known: "
-                                  f"{', '.join(s.name for s in SETTINGS if s.name != 'mountpoint')})")
+                                  f"{', '.join(sorted(OPTION_KEYS))})")
+            key = OPTION_KEYS[key]
             found[key] = value if has_value else True
     return found
 
@@ -253,8 +306,7 @@ def describe(config: Config) -> str:
     for s in SETTINGS:
         value = config.values[s.name]
         if value is None:
-            text = f"# {s.name} ="
-            rows.append((text, f"{config.sources[s.name]}; {s.help}"))
+            rows.append((f"# {s.name} =", f"{config.sources[s.name]}: {s.unset}"))
             continue
         if s.kind is bool:
             shown = "true" if value else "false"

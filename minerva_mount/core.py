@@ -4,8 +4,8 @@ The FUSE adapter calls these methods with inode numbers and raw names; tests cal
 same way with a FakeStore. Every failure is a MinervaError carrying its errno.
 
 Folder listings are cached for `listing_ttl` seconds and answer lookups, so `ls -l` costs one
-LIST per 1,000 entries and no HEAD per file. New files being written ("pending") are shown
-from memory on top of the listing until their upload completes at close.
+LIST per 1,000 entries and no HEAD per file. Files held locally (being written, staged, kept
+back under a temporary name) belong to localfiles.py and are shown on top of the listing.
 """
 
 import errno
@@ -13,15 +13,15 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, replace
 
 import cachetools
 import trio
 
 from . import openers
-from .blockcache import default_cache_dir
 from .errors import (
+    Busy,
     Exists,
+    InvalidName,
     IsADirectory,
     MinervaError,
     NameTooLong,
@@ -29,25 +29,27 @@ from .errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    NotSupported,
 )
+from .foldermove import check_keys, move_tree
+from .handles import Handle, ReadHandle, StagedHandle, StreamingHandle
 from .listings import DIR, GONE, ListingCache
+from .localfiles import UNSENT, LocalFile, LocalFiles, State
 from .namespace import (
-    INCOMING,
     MAX_KEY_BYTES,
-    OUTGOING,
-    SHADOWED_SUFFIX,
     Area,
     InodeTable,
     Node,
     area_of,
     check_name,
+    is_temporary,
     join,
     require_changeable,
     require_writable,
-    shown_name,
 )
 from .reader import Blocks, Reader
-from .staging import Staged, is_temporary
+from .shown import convert_listing
+from .staging import Staged, StagingArea, check_size
 from .store import ObjectInfo
 from .writer import NotSequential, Upload
 
@@ -55,63 +57,44 @@ log = logging.getLogger("minerva.core")
 MISSING = False  # no such name in the folder (DIR, None, is a folder)
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-MAX_COPIES = 8  # server-side copies in flight while a folder is renamed
 SNAPSHOT_ENTRIES = 200_000  # folder entries kept for reuse by the next opendir
 
 
-class Busy(MinervaError):
-    errno = errno.EBUSY
-
-
-class NotSupported(MinervaError):
-    errno = errno.EOPNOTSUPP
-
-
-@dataclass
-class Handle:
-    node: Node
-    reader: Reader | None = None
-    upload: Upload | None = None
-    keep_cache: bool = False  # the kernel may keep its page cache of this file (same ETag)
-    opener: int | None = None  # the process that opened it, see openers.py
-
-    staged: Staged | None = None
-    writer: bool = False
+def busy(message: str) -> Busy:
+    """Every EBUSY is logged with its path and reason (tenet 2)."""
+    log.warning("refused: %s", message)
+    return Busy(message)
 
 
 class Core:
     def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None,
-                 staging_dir: str | None = None, mountpoint: str | None = None, still_open=None):
+                 staging: StagingArea | None = None, mountpoint: str | None = None, still_open=None):
         self.store = store
-        # still_open(fh) -> bool: after a close() of a descriptor of `fh`, does another
-        # descriptor of the same open file remain (dup, fork)? Tests answer exactly; a real
-        # mount asks /proc (openers.py).
-        self.still_open = still_open
         self.nursery = nursery
         self.blocks = Blocks(store, nursery, cache)
+        self.staging = staging or StagingArea.private_temporary()  # tests; the daemon passes one
         self.page_cache_etags: dict[int, str] = {}  # inode -> ETag the kernel's pages hold
         self.on_changed = None  # callback(inode): drop the kernel's pages of a changed object
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
-        self.pending: dict[str, Upload] = {}
-        self.completed = 0  # files uploaded since the mount started
+        self.files = LocalFiles(nursery, self._published)
         self.aliases: dict[str, str] = {}  # shown path -> object path, for shadowed files
-        self.staged: dict[str, Staged] = {}  # files changed through a local copy (staging.py)
-        self.staging_dir = staging_dir or str(default_cache_dir() / "staging")
         self.mountpoint = mountpoint  # known to a real mount: lets flush ask /proc (openers.py)
+        # still_open(fh) -> bool: after a close() of a descriptor of `fh`, does another
+        # descriptor of the same open file remain (dup, fork)? Tests answer exactly; a real
+        # mount asks /proc (openers.py).
+        self.still_open = still_open
         self._proc_limiter = trio.CapacityLimiter(1)
         # mtimes stored in metadata, which LIST does not return: path -> (etag, mtime), learnt
         # at upload, HEAD and utimens, so `ls -l` shows them without a HEAD per file.
         self.mtimes: cachetools.LRUCache = cachetools.LRUCache(maxsize=100_000)
-        self.listings = ListingCache(store, self.inodes, self.pending, ttl=listing_ttl,
+        self.listings = ListingCache(store, self.inodes, self.files, ttl=listing_ttl,
                                      convert=self._convert_listing)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         # Last opendir's (name, node) list per folder (see opendir), bounded by entries held.
         self._snapshots: cachetools.LRUCache = cachetools.LRUCache(
             maxsize=SNAPSHOT_ENTRIES, getsizeof=lambda cached: max(len(cached[2]), 1))
         self._next_fh = 1
-        self._idle = trio.Event()  # set while no file is open for writing
-        self._idle.set()
 
     # ----- names and listings ---------------------------------------------------------
 
@@ -124,81 +107,32 @@ class Core:
             entries = await self.listings.fetch(dir_path)
         return entries
 
-    def _local_entry(self, path: str) -> ObjectInfo | None:
-        """A file held here (being written, or staged) as the listing shows it, else None."""
-        if (upload := self.pending.get(path)) is not None:
-            return ObjectInfo(path, upload.size, upload.mtime or time.time(), "")
-        if (staged := self.staged.get(path)) is not None:
-            mtime = staged.mtime or (staged.base.mtime if staged.base else time.time())
-            return ObjectInfo(path, staged.size, mtime, "")
-        return None
-
     async def _entry(self, dir_path: str, name: str):
         """One name of a folder: its entry, DIR, or MISSING; costs a dict lookup when cached."""
-        local = self._local_entry(join(dir_path, name))
-        if local is not None:
-            return local
+        held = self.files.get(join(dir_path, name))
+        if held is not None:
+            return held.entry()
         return (await self._listing(dir_path)).get(name, MISSING)
 
-    def _holds_files_in(self, dir_path: str) -> bool:
-        """Whether a file of this folder is being written or staged here."""
-        return any(p.rpartition("/")[0] == dir_path for p in [*self.pending, *self.staged])
+    async def _in_s3(self, path: str) -> bool:
+        """Whether S3 holds an object under `path`, as the (cached, self-patched) listing says."""
+        parent, _, name = path.rpartition("/")
+        entry = (await self._listing(parent)).get(name, MISSING)
+        return entry is not MISSING and entry is not DIR
 
     async def _entries(self, dir_path: str) -> dict[str, ObjectInfo | None]:
         """The whole folder with the files held here on top (for readdir)."""
         result = dict(await self._listing(dir_path))
-        for path in [*self.pending, *self.staged]:
-            parent, _, name = path.rpartition("/")
-            if parent == dir_path:
-                result[name] = self._local_entry(path)
+        for f in self.files.in_folder(dir_path):
+            result[f.path.rpartition("/")[2]] = f.entry()
         return result
 
     def _convert_listing(self, dir_path: str, listing) -> dict[str, ObjectInfo | None]:
-        """One LIST answer as shown names: folders, files, aliases of shadowed files."""
-        entries = {}
-        for sub in listing.dirs:
-            name = sub.rstrip("/")
-            if shown_name(name):
-                entries[name] = DIR
-        shadowed = []
-        for info in listing.files:
-            name = info.path.rsplit("/", 1)[-1]
-            if not shown_name(name):
-                log.info("not shown: object %r (name unusable as a file name)", info.path)
-            elif name in entries:
-                shadowed.append(info)
-            else:
-                known = self.mtimes.get(info.path)
-                entries[name] = replace(info, mtime=known[1]) if known and known[0] == info.etag else info
-        self._show_shadowed(dir_path, entries, shadowed)
-        if dir_path == "":
-            entries.setdefault(INCOMING, DIR)
-            entries.setdefault(OUTGOING, DIR)
-        return entries
-
-    def _show_shadowed(self, dir_path: str, entries: dict, shadowed: list[ObjectInfo]) -> None:
-        """Files whose name a folder also has ('a' and 'a/b'): shown as 'a (file)', read-only.
-
-        The folder keeps the plain name (it holds other files); the file stays readable,
-        deletable and renamable under the alias, so neither hides the other.
-        """
-        for alias in [p for p in self.aliases if p.rpartition("/")[0] == dir_path]:
-            del self.aliases[alias]
-        for info in shadowed:
-            alias = info.path.rsplit("/", 1)[-1] + SHADOWED_SUFFIX
-            if alias in entries or not shown_name(alias):
-                log.info("not shown: object %r (its name and its alias are taken)", info.path)
-                continue
-            log.info("shown as %r: object %r, whose name a folder also has", alias, info.path)
-            entries[alias] = info
-            self.aliases[join(dir_path, alias)] = info.path
+        return convert_listing(dir_path, listing, self.aliases, self.mtimes)
 
     def _key(self, path: str) -> str:
         """The object path behind a shown path (differs only for shadowed files)."""
         return self.aliases.get(path, path)
-
-    def _forget_listing(self, dir_path: str) -> None:
-        self.listings.forget(dir_path)
 
     def _node_for(self, path: str, entry: ObjectInfo | None) -> Node:
         if entry is DIR:
@@ -230,8 +164,8 @@ class Core:
     async def _child(self, parent_inode: int, name: bytes) -> tuple[str, ObjectInfo | None]:
         parent = self._dir(parent_inode)
         try:
-            text = check_name(name)
-        except MinervaError:
+            text = check_name(name)  # a name over 255 bytes: ENAMETOOLONG, as create answers
+        except InvalidName:
             raise NotFound("unusable name") from None
         entry = await self._entry(parent.path, text)
         if entry is MISSING:
@@ -264,50 +198,50 @@ class Core:
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
-        upload = self.pending.get(node.path)
-        if upload is not None:
-            node.size = upload.size
-        staged = self.staged.get(node.path)
-        if staged is not None:
-            node.size = staged.size
-            node.mtime = staged.mtime or node.mtime
+        f = self.files.get(node.path)
+        if f is not None:
+            node.size = f.size
+            node.mtime = f.mtime or node.mtime
         return node
 
     async def setattr(self, inode: int, size: int | None = None, mtime: float | None = None) -> Node:
-        """chmod/chown always succeed (not persisted); size and mtime apply to new files."""
+        """chmod/chown always succeed (not persisted); size and mtime apply to files held here.
+
+        A truncate by path (no writer open) is published before it returns, as close would.
+        """
         node = self._node(inode)
-        upload = self.pending.get(node.path)
-        staged = self.staged.get(node.path)
-        if size is not None and staged is None and upload is not None:
-            try:
-                await upload.truncate(size)
-                node.size = upload.size
-            except NotSequential:
-                staged = await self._restage(upload)
-        if size is not None and staged is not None:
-            await staged.truncate(size)
-            node.size = staged.size
-        elif size is not None and upload is None and size != node.size:
-            require_writable(node.path, "truncate")  # truncate by path: stage, change, upload
-            staged = await self._stage(node, keep=True)
-            staged.opens += 1
-            staged.writers += 1
-            try:
-                await staged.truncate(size)
-            finally:
-                staged.opens -= 1
-                staged.writers -= 1
-                await self._staged_closed(staged, node)
+        if size is not None:
+            await self._truncate(node, size)
         if mtime is not None:
-            if staged is not None and node.path in self.staged:
-                staged.mtime = mtime
-            elif upload is not None and node.path in self.pending:
-                upload.mtime = mtime
+            f = self.files.get(node.path)
+            if f is not None and f.state in UNSENT:
+                f.mtime = mtime
             elif node.etag:
                 # Already uploaded: shown from memory, not persisted (a copy would re-publish it).
                 self.mtimes[node.path] = (node.etag, mtime)
             node.mtime = mtime
         return node
+
+    async def _truncate(self, node: Node, size: int) -> None:
+        check_size(node.path, size)
+        f = self.files.get(node.path)
+        if f is None:
+            if size == node.size:
+                return
+            require_writable(node.path, "truncate")
+            f = await self._hold(node, keep=True)
+        await self.files.settle(f)
+        if f.upload is not None:
+            try:
+                await f.upload.truncate(size)
+            except NotSequential:
+                await self._restage(f)
+        if f.staged is not None:
+            await f.staged.truncate(size)
+        self.files.changed(f)
+        node.size = f.size
+        if f.writers == 0:
+            await self.files.publish(f)
 
     # ----- folders ------------------------------------------------------------------
 
@@ -320,7 +254,7 @@ class Core:
             entries = await self._entries(node.path)
             snapshot = [(name, self._node_for(join(node.path, name), entry))
                         for name, entry in sorted(entries.items())]
-            if (self.listings.get(node.path) is listing and not self._holds_files_in(node.path)
+            if (self.listings.get(node.path) is listing and not self.files.in_folder(node.path)
                     and len(snapshot) <= SNAPSHOT_ENTRIES):
                 self._snapshots[node.path] = (listing, version, snapshot)
         fh = self._take_fh()
@@ -337,7 +271,7 @@ class Core:
         cached = self._snapshots.get(dir_path)
         if cached is None or cached[0] is not listing or cached[1] != self.listings.version:
             return None
-        if self._holds_files_in(dir_path):
+        if self.files.in_folder(dir_path):
             return None
         by_path, prefix = self.inodes.by_path, join(dir_path, "")
         if any(by_path.get(prefix + name) is not node for name, node in cached[2]):
@@ -368,307 +302,218 @@ class Core:
         require_changeable(path, "rmdir")
         if entry is not DIR:
             raise NotADirectory(path)
-        if any(p.startswith(path + "/") for p in self.pending) or await self.store.has_children(path + "/"):
+        held = self.files.under(path)
+        if held or await self.store.has_children(path + "/"):
+            if held:
+                log.info("rmdir %s: not empty (%s is held here, %s)", path, held[0].path, held[0].state.value)
             raise NotEmpty(path)
         await self.store.delete(path + "/")
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
-        self._forget_listing(path)
+        self.listings.forget(path)
         self.inodes.removed(path)
 
-    # ----- files --------------------------------------------------------------------
+    # ----- opening files ------------------------------------------------------------
 
     def _take_fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
 
-    def _open_handle(self, handle: Handle) -> int:
+    def _open_handle(self, handle: Handle, pid: int | None = None) -> int:
         fh = self._take_fh()
         handle.node.opens += 1
+        if handle.file is not None:
+            self.files.opened(handle.file, handle.writing)
+        if pid and self.mountpoint is not None and handle.writing:
+            handle.opener = openers.process_of(pid)
         self.handles[fh] = handle
         return fh
 
     async def open(self, inode: int, flags: int, pid: int | None = None) -> int:
-        fh = await self._open(inode, flags)
-        self._note_opener(fh, pid)
-        return fh
-
-    def _note_opener(self, fh: int, pid: int | None) -> None:
-        handle = self.handles[fh]
-        if pid and self.mountpoint is not None and (handle.upload or handle.writer):
-            handle.opener = openers.process_of(pid)
-
-    async def _open(self, inode: int, flags: int) -> int:
         node = self._node(inode)
         if node.is_dir:
             raise IsADirectory(node.path)
-        staged = self.staged.get(node.path)
+        f = self.files.get(node.path)
         if flags & os.O_ACCMODE == os.O_RDONLY:
-            if node.path in self.pending:
-                raise Busy(f"{node.path} is being written; it can be read once closed")
-            if staged is not None:  # being changed: read what the writers see
-                staged.opens += 1
-                return self._open_handle(Handle(node, staged=staged))
-            if node.parent_path not in self.listings or not node.etag:
-                info = await self.store.head(self._key(node.path))
-                node.size, node.mtime, node.etag = info.size, info.mtime, info.etag
-                self.mtimes[node.path] = (info.etag, info.mtime)
-            info = ObjectInfo(self._key(node.path), node.size, node.mtime, node.etag or "")
-            keep = bool(info.etag) and self.page_cache_etags.get(inode) == info.etag
-            if info.etag:
-                self.page_cache_etags[inode] = info.etag
-            return self._open_handle(Handle(node, reader=Reader(self.blocks, info), keep_cache=keep))
+            if f is not None and f.state is State.STREAMING:
+                raise busy(f"{node.path} is being written; it can be read once closed")
+            if f is not None and f.staged is not None:  # held: read what the writers see
+                return self._open_handle(StagedHandle(node, file=f), pid)
+            return await self._open_object(node)
         require_writable(node.path, "write")
         if node.path in self.aliases:
             raise NotPermitted(f"{node.path} stands for {self._key(node.path)}, which only a folder "
                                "name can show: rename it to write it")
-        if node.path in self.pending:
-            raise Busy(f"{node.path} is already open for writing")
-        if staged is None and self._streamable(node.path, flags):
-            return self._start_upload(node)
-        return await self._open_staged(node, flags, keep=not flags & os.O_TRUNC)
+        return await self._open_writer(node, flags, pid, created=False)
 
-    @staticmethod
-    def _streamable(path: str, flags: int) -> bool:
-        """A write-only truncating open of a final name streams; everything else stages."""
-        return (flags & os.O_ACCMODE == os.O_WRONLY and bool(flags & os.O_TRUNC)
-                and not is_temporary(path))
+    async def _open_object(self, node: Node) -> int:
+        if node.parent_path not in self.listings or not node.etag:
+            info = await self.store.head(self._key(node.path))
+            node.size, node.mtime, node.etag = info.size, info.mtime, info.etag
+            self.mtimes[node.path] = (info.etag, info.mtime)
+        info = ObjectInfo(self._key(node.path), node.size, node.mtime, node.etag or "")
+        keep = bool(info.etag) and self.page_cache_etags.get(node.inode) == info.etag
+        if info.etag:
+            self.page_cache_etags[node.inode] = info.etag
+        return self._open_handle(ReadHandle(node, reader=Reader(self.blocks, info), keep_cache=keep))
 
-    async def _stage(self, node: Node, keep: bool) -> Staged:
-        """The shared staging file of `node`, made (lazily filled from the object) if needed."""
-        staged = self.staged.get(node.path)
-        if staged is None:
-            base = None
-            if keep:
-                base = await self.store.head(node.path)
-                self.mtimes[node.path] = (base.etag, base.mtime)
-            staged = self.staged.setdefault(node.path, Staged(self.store, node.path, self.staging_dir, base))
-            self._busy()
-        return staged
+    async def _open_writer(self, node: Node, flags: int, pid: int | None, created: bool) -> int:
+        """A streaming handle for a new file written front to back; a staged one otherwise."""
+        f = self.files.get(node.path)
+        if f is not None and f.state is State.STREAMING:
+            raise busy(f"{node.path} is already open for writing")
+        truncate = bool(flags & os.O_TRUNC) or created
+        if f is not None and f.staged is None:  # a streamed file, published, still open
+            self.files.detach(f)
+            f = None
+        if (f is None and flags & os.O_ACCMODE == os.O_WRONLY and truncate
+                and not is_temporary(node.path)):
+            upload = Upload(self.store, node.path, self.nursery)
+            node.size = 0
+            f = self.files.streaming(node.path, upload)
+            return self._open_handle(StreamingHandle(node, file=f, writing=True), pid)
+        if f is None or created:
+            f = await self._hold(node, keep=not truncate)
+        await self.files.settle(f)
+        if truncate and f.size:
+            await f.staged.truncate(0)
+            self.files.changed(f)
+        if created:
+            # Created without being opened for writing (fallocate, `exec 3<>f`) and never
+            # written: not sent at close (see LocalFiles.publish).
+            f.created_empty = flags & os.O_ACCMODE != os.O_WRONLY
+        node.size = f.size
+        return self._open_handle(StagedHandle(node, file=f, writing=True), pid)
 
-    async def _open_staged(self, node: Node, flags: int, keep: bool) -> int:
-        staged = await self._stage(node, keep)
-        if flags & os.O_TRUNC and staged.size:
-            await staged.truncate(0)
-            staged.written = False  # sent at the last close; a close() before any write (dd) is not the end
-        staged.opens += 1
-        staged.writers += 1
-        node.size = staged.size
-        return self._open_handle(Handle(node, staged=staged, writer=True))
+    async def _hold(self, node: Node, keep: bool) -> LocalFile:
+        """A new staged held file for `node`, lazily filled from its object when `keep`."""
+        base = None
+        if keep:
+            base = await self.store.head(self._key(node.path))
+            self.mtimes[node.path] = (base.etag, base.mtime)
+        held = self.files.get(node.path)
+        if held is not None and not held.created_empty and held.staged is not None:
+            return held  # made meanwhile by another open
+        staged = Staged(self.store, self.staging, node.path, base)
+        return self.files.staged(node.path, staged, dirty=base is None)
 
-    async def _restage(self, upload: Upload) -> Staged:
+    async def create(self, parent_inode: int, name: bytes, flags: int,
+                     pid: int | None = None) -> tuple[int, Node]:
+        path = self._new_path(parent_inode, name)
+        require_writable(path, "create")
+        existing = await self._entry(self._dir(parent_inode).path, check_name(name))
+        if existing is DIR:
+            raise IsADirectory(path)
+        if existing is not MISSING and flags & os.O_EXCL:
+            raise Exists(path)
+        node = self.inodes.upsert(path, False, 0, time.time())
+        node.lookups += 1
+        return await self._open_writer(node, flags, pid, created=True), node
+
+    async def _restage(self, f: LocalFile) -> None:
         """Move a new file that stopped being sequential from streaming to a staging file.
 
         Possible while no part has been sent (the first part size, 8 MiB): all bytes are
         still in memory. After that, the bytes sent exist only as parts of an upload that
         cannot be read back, so the write fails with EOPNOTSUPP (logged).
         """
+        upload = f.upload
         if not upload.renameable:
             log.warning("refused: non-sequential write to %s after %d bytes were streamed; write "
                         "it front to back, or under a temporary name", upload.path, upload.size)
             raise NotSupported(f"{upload.path}: non-sequential write after streaming began")
-        staged = Staged(self.store, upload.path, self.staging_dir, None)
+        staged = Staged(self.store, self.staging, f.path, None)
         await staged.write(0, upload.buffered())
         staged.mtime = upload.mtime
-        self.staged[upload.path] = staged
-        self._drop_pending(upload)
-        self._busy()
-        for handle in self.handles.values():
-            if handle.upload is upload:
-                handle.upload, handle.staged, handle.writer = None, staged, True
-                staged.opens += 1
-                staged.writers += 1
-        upload.finished = True  # nothing of it will be sent
-        return staged
+        self.files.restaged(f, staged)
+        for fh, handle in self.handles.items():
+            if handle.file is f:
+                self.handles[fh] = StagedHandle(handle.node, handle.opener, writing=handle.writing, file=f)
 
-    def _busy(self) -> None:
-        if self._idle.is_set():
-            self._idle = trio.Event()
-
-    def _start_upload(self, node: Node) -> int:
-        upload = Upload(self.store, node.path, self.nursery)
-        self.pending[node.path] = upload
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        node.size = 0
-        return self._open_handle(Handle(node, upload=upload))
-
-    async def create(self, parent_inode: int, name: bytes, flags: int,
-                     pid: int | None = None) -> tuple[int, Node]:
-        fh, node = await self._create(parent_inode, name, flags)
-        self._note_opener(fh, pid)
-        return fh, node
-
-    async def _create(self, parent_inode: int, name: bytes, flags: int) -> tuple[int, Node]:
-        path = self._new_path(parent_inode, name)
-        require_writable(path, "create")
-        existing = await self._entry(self._dir(parent_inode).path, check_name(name))
-        if existing is DIR:
-            raise IsADirectory(path)
-        if existing is not False and flags & os.O_EXCL:
-            raise Exists(path)
-        if path in self.pending:
-            raise Busy(f"{path} is already open for writing")
-        node = self.inodes.upsert(path, False, 0, time.time())
-        node.lookups += 1
-        if path not in self.staged and self._streamable(path, flags | os.O_TRUNC):
-            return self._start_upload(node), node
-        return await self._open_staged(node, flags | os.O_TRUNC, keep=False), node
+    # ----- reading, writing, closing -------------------------------------------------
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        handle = self.handles[fh]
-        if handle.staged is not None:
-            return await handle.staged.read(offset, size)
-        if handle.reader is None:
-            raise NotPermitted(f"{handle.node.path} was not opened for reading")
-        return await handle.reader.read(offset, size)
+        return await self.handles[fh].read(offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        handle = self.handles[fh]
-        if handle.upload is not None:
-            try:
-                written = await handle.upload.write(offset, data)
-                handle.node.size = handle.upload.size
-                return written
-            except NotSequential:
-                await self._restage(handle.upload)
-        if handle.staged is None:
-            raise NotPermitted(f"{handle.node.path} was not opened for writing")
-        written = await handle.staged.write(offset, data)
-        handle.node.size = handle.staged.size
-        return written
+        try:
+            return await self.handles[fh].write(self.files, offset, data)
+        except NotSequential:
+            await self._restage(self.handles[fh].file)
+            return await self.handles[fh].write(self.files, offset, data)
 
     async def flush(self, fh: int) -> None:
-        """close(): the object is complete in S3 when this returns, or it raises (EIO).
-
-        A flush before any write is skipped: programs such as dd dup2 a new file onto
-        stdout and close the original first, so that flush is not the end of the file.
-        """
+        """close(): a writer's last close publishes; the object is complete in S3 when this
+        returns, or it raises (EIO, ENOSPC). A close of a copy (dup, fork) publishes nothing."""
         handle = self.handles[fh]
-        if self.still_open is not None:
-            if (handle.upload or handle.writer) and self.still_open(fh):
-                return
-        elif await self._copy_still_open(handle):
+        if not handle.writing or await self._copy_still_open(fh, handle):
             return
-        if handle.upload is not None and handle.upload.written:
-            await self._publish(handle)
-        staged = handle.staged
-        # Sent when its only writer closes; with several writers, when the last one does.
-        if (staged is not None and handle.writer and staged.writers == 1 and staged.written
-                and not staged.failed and self._sendable(staged)):
-            await self._send_staged(staged, handle.node)
+        handle.writing = False
+        if self.files.writer_closed(handle.file):
+            await self.files.publish(handle.file)
 
-    async def _copy_still_open(self, handle: Handle) -> bool:
-        """Whether the opener still holds the file: then this close was a forked child's copy."""
-        if self.mountpoint is None or handle.opener is None or not (handle.upload or handle.writer):
+    async def _copy_still_open(self, fh: int, handle: Handle) -> bool:
+        """Whether another descriptor of this open file remains: then this close was a copy's."""
+        if self.still_open is not None:
+            return self.still_open(fh)
+        if self.mountpoint is None or handle.opener is None:
             return False
+        others = sum(1 for other in self.handles.values() if other is not handle and other.writing
+                     and other.file is handle.file and other.opener == handle.opener)
         target = os.path.join(self.mountpoint, handle.node.path)
         held = await trio.to_thread.run_sync(
-            openers.holds_open, handle.opener, target, limiter=self._proc_limiter)
-        if held:
+            openers.writable_descriptors, handle.opener, target, limiter=self._proc_limiter)
+        if held > others:
             log.debug("close of a copy of %s; the opener still holds it", handle.node.path)
-        return held
+        return held > others
 
     async def release(self, fh: int) -> None:
-        """The last descriptor is gone: publish a file that was never written (touch)."""
+        """The last descriptor is gone. A writer whose close was taken for a copy's is
+        published here; an error can only be logged now."""
         handle = self.handles.pop(fh)
-        upload = handle.upload
-        if handle.staged is not None:
-            handle.staged.opens -= 1
-            handle.staged.writers -= handle.writer
-            try:
-                await self._staged_closed(handle.staged, handle.node)
-            finally:
-                self.inodes.closed(handle.node)
-            return
+        f = handle.file
         try:
-            if upload is not None and not upload.finished and not upload.failed:
-                await self._publish(handle)
-        except MinervaError as exc:
-            log.error("%s could not be published at close: %s", upload.path, exc)
+            if f is None:
+                return
+            publish = False
+            if handle.writing:
+                handle.writing = False
+                publish = self.files.writer_closed(f)
+            publish = self.files.released(f) or publish
+            if publish:
+                try:
+                    await self.files.publish(f)
+                except MinervaError as exc:
+                    log.error("%s could not be published at its last release: %s", f.path, exc)
+            if f.state is State.FAILED and f.opens == 0:
+                self.files.dropped_failed(f)
         finally:
-            if upload is not None and self._drop_pending(upload):
-                log.warning("%s was closed without a complete upload; nothing was published",
-                            upload.path)
-                self.listings.vanished(upload.path, handle.node.inode)
-                self.inodes.removed(upload.path)
             self.inodes.closed(handle.node)
 
-    def _drop_pending(self, upload: Upload) -> bool:
-        if self.pending.get(upload.path) is not upload:
-            return False
-        del self.pending[upload.path]
-        self._maybe_idle()
-        return True
+    def _published(self, f: LocalFile, etag: str) -> None:
+        """A held file is now an object in S3: what the caches say of it follows."""
+        mtime = f.mtime or time.time()
+        self.mtimes[f.path] = (etag, mtime)
+        node = self.inodes.find(f.path)
+        if node is not None:
+            node.size, node.etag, node.mtime = f.size, etag, mtime
+        parent, _, name = f.path.rpartition("/")
+        self.listings.update(parent, name, ObjectInfo(f.path, f.size, mtime, etag or ""))
+        log.info("uploaded %s (%d bytes)", f.path, f.size)
 
-    def _maybe_idle(self) -> None:
-        if not self.pending and not any(s.writers for s in self.staged.values()):
-            self._idle.set()
-
-    def _sendable(self, staged: Staged) -> bool:
-        """Still the file under its name, and not a temporary name kept back until renamed."""
-        return self.staged.get(staged.path) is staged and not staged.temporary
-
-    async def _send_staged(self, staged: Staged, node: Node) -> None:
-        try:
-            etag = await staged.upload()
-        except MinervaError as exc:
-            staged.failed = True
-            log.error("upload of %s failed: %s", staged.path, exc)
-            raise
-        self.mtimes[staged.path] = (etag, staged.mtime)
-        if node.path == staged.path:
-            node.size, node.etag, node.mtime = staged.size, etag, staged.mtime
-        parent, _, name = staged.path.rpartition("/")
-        self.listings.update(parent, name, ObjectInfo(staged.path, staged.size,
-                                                      staged.mtime or time.time(), etag or ""))
-        log.info("uploaded %s (%d bytes, from a staging file)", staged.path, staged.size)
-
-    async def _staged_closed(self, staged: Staged, node: Node) -> None:
-        """A handle is gone; after the last one, upload what changed and free the disk space.
-
-        Temporary names stay staged (deferred) until a rename gives them a final name.
-        """
-        try:
-            if staged.writers == 0 and staged.dirty and not staged.failed and self._sendable(staged):
-                await self._send_staged(staged, node)
-        except MinervaError:
-            pass  # logged; close() already reported it, or this was a never-written file
-        if staged.opens == 0 and (self.staged.get(staged.path) is not staged or not staged.temporary
-                                  or staged.failed):
-            if self.staged.get(staged.path) is staged:
-                del self.staged[staged.path]
-            staged.close()
-        self._maybe_idle()
-
-    async def _publish(self, handle: Handle) -> None:
-        upload = handle.upload
-        if upload.finished:
-            return
-        etag = await upload.finish()
-        node = handle.node
-        node.size, node.etag, node.mtime = upload.size, etag, upload.mtime
-        self.mtimes[upload.path] = (etag, upload.mtime)
-        self._drop_pending(upload)
-        info = ObjectInfo(node.path, node.size, node.mtime or time.time(), etag or "")
-        self.listings.update(node.parent_path, node.name, info)
-        self.completed += 1
-        log.info("uploaded %s (%d bytes)", upload.path, upload.size)
+    # ----- unlink and rename ------------------------------------------------------------
 
     async def unlink(self, parent_inode: int, name: bytes) -> None:
         path, entry = await self._child(parent_inode, name)
         require_changeable(path, "unlink")
         if entry is DIR:
             raise IsADirectory(path)
-        if path in self.pending:
-            raise Busy(f"{path} is being written")
-        staged = self.staged.pop(path, None)
-        if staged is not None:
-            if staged.opens == 0:
-                staged.close()
-            self._maybe_idle()
-            if staged.base is None and staged.temporary:  # never reached S3
-                self.inodes.removed(path)
-                return
-        await self.store.delete(self._key(path))
+        f = self.files.get(path)
+        if f is not None:
+            await self.files.settle(f)  # a publish under way completes first, then goes
+            if self.files.get(path) is f:
+                self.files.detach(f)
+        if self._key(path) != path or await self._in_s3(path):
+            await self.store.delete(self._key(path))
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.inodes.removed(path)
 
@@ -684,107 +529,96 @@ class Core:
         if flags & RENAME_EXCHANGE:
             raise MinervaError("rename exchange is not supported", err=errno.EINVAL)
         target = await self._entry(self._dir(new_parent).path, check_name(new_name))
-        if target is not False and flags & RENAME_NOREPLACE:
+        if target is not MISSING and flags & RENAME_NOREPLACE:
             raise Exists(dst)
         if entry is DIR:
             await self._rename_dir(src, dst, target)
         else:
             await self._rename_file(src, dst, target)
-        self._forget_listing(self._dir(old_parent).path)
-        self._forget_listing(self._dir(new_parent).path)
+        self.listings.forget(self._dir(old_parent).path)
+        self.listings.forget(self._dir(new_parent).path)
         self.inodes.moved(src, dst)
 
     async def _rename_file(self, src: str, dst: str, target) -> None:
         if target is DIR:
             raise IsADirectory(dst)
-        upload = self.pending.get(src)
-        if upload is not None:
-            if not upload.renameable:
-                raise Busy(f"{src} is being uploaded; rename it after it is closed")
-            upload.path = dst
-            self.pending[dst] = self.pending.pop(src)
+        for held in (self.files.get(dst), self.files.get(src)):
+            if held is not None:
+                await self.files.settle(held)
+        f = self.files.get(src)
+        if f is not None and f.state in UNSENT:
+            await self._rename_held(f, src, dst)
             return
-        old = self.staged.pop(dst, None)  # a file replaced before it was sent
-        if old is not None and old.opens == 0:
-            old.close()
-        staged = self.staged.get(src)
-        if staged is not None:
-            await self._rename_staged(staged, src, dst)
+        if area_of(dst) is Area.INCOMING and is_temporary(dst) and self._key(src) == src:
+            # Renamed TO a temporary name: it leaves S3 and is held here until renamed back.
+            node = self.inodes.find(src) or self.inodes.upsert(src, False)
+            if f is not None and f.staged is None:  # a streamed file, published, still open
+                self.files.detach(f)
+                f = None
+            f = f or await self._hold(node, keep=True)
+            await f.staged.fill_all()
+            await self.store.delete(src)
+            self.files.renamed(f, dst)
+            self.files.changed(f)
+            await self.files.publish(f)  # keeps it back
             return
-        node = self.inodes.find(src)
-        size = node.size if node is not None else None
-        etag = await self.store.copy(self._key(src), dst, size)  # the new name is visible before the old goes
+        size = f.size if f is not None else getattr(self.inodes.find(src), "size", None)
+        etag = await self.store.copy(self._key(src), dst, size)  # the new name shows before the old goes
         await self.store.delete(self._key(src))
         known = self.mtimes.pop(src, None)
         if known is not None and etag:
             self.mtimes[dst] = (etag, known[1])
+        old = self.files.get(dst)
+        if old is not None:
+            self.files.detach(old)
+        if f is not None:  # published, still open: it goes on under the new name
+            self.files.renamed(f, dst)
+            if f.staged is not None:
+                f.staged.rebase(ObjectInfo(dst, f.size, f.mtime or 0.0, etag))
 
-    async def _rename_staged(self, staged: Staged, src: str, dst: str) -> None:
-        """A file held locally takes its new name locally; a final name gets it sent now."""
-        if staged.uploading:
-            raise Busy(f"{src} is being uploaded; rename it after it is closed")
-        if staged.base is not None:
-            # The object under the old name goes: keep its bytes locally first.
-            size = staged.base.size
-            await staged.fill_all()
-            await self.store.copy(src, dst, size)
+    async def _rename_held(self, f: LocalFile, src: str, dst: str) -> None:
+        """A file with content not yet sent takes its new name locally; S3 loses the old name."""
+        if f.upload is not None and not f.upload.renameable:
+            raise busy(f"{src} is being uploaded (parts sent); rename it after it is closed")
+        base = f.in_s3
+        if base is not None and base.path == src:
+            if is_temporary(dst):
+                await f.staged.fill_all()  # the object goes; its bytes stay here
+            else:
+                etag = await self.store.copy(src, dst, base.size)
+                f.staged.rebase(ObjectInfo(dst, base.size, base.mtime, etag))
+        if await self._in_s3(src):
             await self.store.delete(src)
-            self.mtimes.pop(src, None)
-        staged.path = dst
-        self.staged[dst] = self.staged.pop(src)
-        if staged.opens > 0 or not self._sendable(staged):
-            return  # sent at its last close, or kept back while the name is temporary
-        try:
-            if staged.dirty:
-                await self._send_staged(staged, Node(0, dst, False))
-        except MinervaError:
-            staged.path, staged.failed = src, False  # keep it, under its old name, for a retry
-            self.staged[src] = self.staged.pop(dst)
-            raise
-        del self.staged[dst]
-        staged.close()
-        self._maybe_idle()
+        self.files.renamed(f, dst)
+        if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
+            f.created_empty = False  # renamed to a final name: the user wants it there
+            f.state = State.STAGED
+            try:
+                await self.files.publish(f)
+            except MinervaError:
+                if self.files.get(dst) is f:  # keep it, under its old name, for a retry
+                    self.files.renamed(f, src)
+                    f.state = State.KEPT_BACK
+                raise
 
     async def _rename_dir(self, src: str, dst: str, target) -> None:
-        if target is not False and target is not DIR:
+        if target is not MISSING and target is not DIR:
             raise NotADirectory(dst)
         if target is DIR and await self.store.has_children(dst + "/"):
             raise NotEmpty(dst)
-        if any(p.startswith(src + "/") for p in [*self.pending, *self.staged]):
-            raise Busy(f"{src} holds files being written")
+        for f in self.files.under(src):
+            await self.files.settle(f)
+        unsent = [f for f in self.files.under(src) if f.state in UNSENT]
+        if unsent:
+            raise busy(f"{src} holds {unsent[0].path}, not uploaded yet ({unsent[0].state.value}); "
+                       "rename the folder once it is")
         objects = await self.store.list_tree(src + "/")
-        limiter = trio.CapacityLimiter(MAX_COPIES)
-        errors: list[MinervaError] = []
-
-        async def bounded(fn, *args):
-            async with limiter:
-                if not errors:
-                    try:
-                        await fn(*args)
-                    except MinervaError as exc:
-                        errors.append(exc)
-
-        async def move(info: ObjectInfo) -> None:
-            if info.path.endswith("/"):  # a folder marker: empty, made anew
-                await self.store.put(dst + info.path[len(src):], b"", {})
-            else:
-                await self.store.copy(info.path, dst + info.path[len(src):], info.size)
-
-        # Every copy completes before the first delete: the new names show before old ones go.
-        async with trio.open_nursery() as nursery:
-            for info in objects:
-                nursery.start_soon(bounded, move, info)
-        if errors:
-            raise errors[0]
-        if not objects:
-            await self.store.put(dst + "/", b"", {})
-        async with trio.open_nursery() as nursery:
-            for info in objects:
-                nursery.start_soon(bounded, self.store.delete, info.path)
-        if errors:
-            raise errors[0]
+        check_keys(src, dst, objects)
+        await move_tree(self.store, src, dst, objects)
+        for f in self.files.under(src):  # published, still open: they go on under the new names
+            self.files.renamed(f, dst + f.path[len(src):])
         for path in [p for p in self.listings if p == src or p.startswith(src + "/")]:
-            self._forget_listing(path)
+            self.listings.forget(path)
 
     # ----- whole file system --------------------------------------------------------
 
@@ -800,13 +634,13 @@ class Core:
                 "f_favail": 1 << 32, "f_namemax": 255}
 
     async def drain(self, timeout: float) -> list[str]:
-        """Wait until no file is open for writing (all closed and uploaded), up to `timeout`.
+        """Wait until no held file has content still to send, up to `timeout`.
 
-        Returns the paths still unfinished.
+        Returns the paths still unfinished (open, failed, or kept back under a temporary name).
         """
         with trio.move_on_after(timeout):
-            await self._idle.wait()
-        return sorted(self.pending)
+            await self.files.idle.wait()
+        return sorted(f.path for f in self.files.unfinished())
 
 
 def mode_of(node: Node) -> int:

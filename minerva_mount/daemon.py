@@ -17,13 +17,17 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .blockcache import DEFAULT_CACHE_SIZE, BlockCache, default_cache_dir
+from .blockcache import BlockCache, default_cache_dir, parse_size
+from .config import DEFAULTS
 from .core import Core
 from .credentials import CredentialProvider
 from .fs import Operations
+from .localfiles import State
 from .memtune import keep_freed_memory
 from .monitor import Monitor
 from .paths import UnsafeRuntimeDir, control_socket
+from .safepaths import open_private_dir
+from .staging import StagingArea
 from .store import S3Store
 
 log = logging.getLogger("minerva.daemon")
@@ -33,18 +37,21 @@ READ_AHEAD_KB = 1024
 
 @dataclass
 class Settings:
+    """What serve() needs. Defaults are config.SETTINGS' own, never restated here (cli.py fills
+    every field that is a setting from the effective config, by name)."""
+
     mountpoint: str
-    api_url: str
-    s3_endpoint_url: str | None = None
-    allow_other: bool = False
-    stop_timeout: float = 120.0
-    credential_wait: float = 60.0
-    s3_retry_timeout: float = 60.0
+    api_url: str = DEFAULTS["api_url"]
+    s3_endpoint_url: str | None = DEFAULTS["s3_endpoint_url"]
+    allow_other: bool = DEFAULTS["allow_other"]
+    stop_timeout: float = DEFAULTS["stop_timeout"]
+    credential_wait: float = DEFAULTS["credential_wait"]
+    s3_retry_timeout: float = DEFAULTS["s3_retry_timeout"]
     debug_fuse: bool = False
-    cache_dir: str | None = None  # default: XDG cache dir / minerva-mount
-    cache_size: int = DEFAULT_CACHE_SIZE
-    metadata_ttl: float = 30.0  # how long listings and attributes are trusted without a LIST
-    refresh_interval: float = 10.0  # how often folders in use are re-listed
+    cache_dir: str | None = DEFAULTS["cache_dir"]  # None: XDG cache dir / minerva-mount
+    cache_size: int = parse_size(DEFAULTS["cache_size"])
+    metadata_ttl: float = DEFAULTS["metadata_ttl"]  # how long listings and attributes are trusted
+    refresh_interval: float = DEFAULTS["refresh_interval"]  # how often folders in use are re-listed
 
 
 class MountError(Exception):
@@ -83,8 +90,12 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             await cache.open()
         except OSError as exc:
             raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
+        try:
+            staging = StagingArea(open_private_dir(cache_root / "staging"))
+        except OSError as exc:  # a symlink, another user's folder (safepaths.py), or no room
+            raise MountError(f"staging folder {cache_root / 'staging'}: {exc}") from None
         core = Core(store, nursery, listing_ttl=settings.metadata_ttl, cache=cache,
-                    staging_dir=str(cache_root / "staging"), mountpoint=settings.mountpoint)
+                    staging=staging, mountpoint=settings.mountpoint)
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
@@ -135,12 +146,14 @@ async def _stop_on_signal(core: Core, stop_timeout: float, monitor: Monitor) -> 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s received: finishing %d uploads in progress, then unmounting",
-                     signal.Signals(signum).name, len(core.pending))
+                     signal.Signals(signum).name, len(core.files.unfinished()))
             monitor.stopping()
-            unfinished = await core.drain(stop_timeout)
-            for path in sorted(p for p, s in core.staged.items() if s.temporary and not s.opens):
-                log.warning("never uploaded: %s (a temporary name that was never renamed)", path)
-            for path in unfinished:
-                log.error("not uploaded at stop (still open or failed): %s", path)
+            await core.drain(stop_timeout)
+            for f in core.files.unfinished():
+                if f.state is State.KEPT_BACK:
+                    log.warning("never uploaded: %s (kept back: a temporary name never renamed, or "
+                                "created and never written)", f.path)
+                else:
+                    log.error("not uploaded at stop (%s: still open or failed): %s", f.state.value, f.path)
             pyfuse3.terminate()
             return

@@ -55,6 +55,26 @@ class NameTooLong(MinervaError):
     errno = errno.ENAMETOOLONG
 
 
+class Busy(MinervaError):
+    errno = errno.EBUSY
+
+
+class NotSupported(MinervaError):
+    errno = errno.EOPNOTSUPP
+
+
+class NoSpace(MinervaError):
+    """The staging disk is full: the write or close fails, nothing half-written is sent."""
+
+    errno = errno.ENOSPC
+
+
+class TooBig(MinervaError):
+    """Larger than S3 can hold (5 TiB): EFBIG, as a local file system answers past its limit."""
+
+    errno = errno.EFBIG
+
+
 class StoreError(MinervaError):
     """An S3 request failed after retries (server down, throttled, malformed answer)."""
 

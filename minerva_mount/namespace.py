@@ -7,6 +7,7 @@ a handle is open; `forget` frees it (never unlink: the kernel may still use the 
 
 import enum
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,30 @@ def check_name(name: bytes) -> str:
 def shown_name(name: str) -> bool:
     """Whether a key component can be shown as a file name; others are skipped, and logged."""
     return bool(name) and name not in (".", "..") and len(name.encode()) <= MAX_NAME_BYTES
+
+
+# Names programs give a file while they write it, before renaming it (or deleting it). A file
+# with such a name is kept locally at close and sent only once renamed to a final name; one
+# renamed TO such a name leaves S3 (localfiles.py).
+TEMPORARY_NAMES = [
+    (re.compile(r".+\.part"), "KDE/KIO and browsers: name.part, renamed when complete"),
+    (re.compile(r"\.goutputstream-[A-Za-z0-9]{6}"), "GIO (GNOME Files, gedit): replaced by a rename"),
+    # vim: .name.swp, then .swo ... .swa, then .svz ...; .swx is its probe of the folder.
+    (re.compile(r"\..+\.(sw[a-px]|sv[a-z])"), "vim swap files (.name.swp, .swx)"),
+    (re.compile(r"4913"), "vim's probe of whether it may create files in the folder"),
+    (re.compile(r".+~"), "editor backups (name~), written before saving and usually deleted"),
+    # mkstemp's six characters; all-lowercase ones are taken as a real extension (.notes.backup),
+    # which a random suffix is with odds of 1 in 180.
+    (re.compile(r"\..+\.(?=[a-z]*[A-Z0-9])[A-Za-z0-9]{6}"), "rsync's .name.XXXXXX, renamed when complete"),
+    (re.compile(r"\.~lock\..+#"), "LibreOffice lock files (.~lock.name#), deleted when closed"),
+    (re.compile(r"~\$.+"), "Microsoft Office owner files (~$name), deleted when closed"),
+]
+
+
+def is_temporary(path: str) -> bool:
+    """Whether the file name is one programs use while writing, before a rename or delete."""
+    name = path.rsplit("/", 1)[-1]
+    return any(pattern.fullmatch(name) for pattern, _ in TEMPORARY_NAMES)
 
 
 @dataclass

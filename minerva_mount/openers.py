@@ -3,9 +3,10 @@
 The kernel sends FLUSH on every close() of a descriptor, also when a shell's child exits and
 closes the copies it inherited (`{ echo a; /bin/true; echo b; } > f`). Publishing at that flush
 would send half a file. pyfuse3's flush carries no pid, so the core notes the opening process
-at open and asks here, at flush, whether it still has the file open: the kernel removes a
-descriptor from /proc/PID/fd before it sends the FLUSH of its close, so the last close of the
-opener finds none left.
+at open and asks here, at flush, how many descriptors open for writing it still has on the
+file: the kernel removes a descriptor from /proc/PID/fd before it sends the FLUSH of its
+close, so the last close of the opener finds none left. The core compares that count with
+its other writer handles of the same opener on the same file (core.Core._copy_still_open).
 """
 
 import os
@@ -23,17 +24,27 @@ def process_of(pid: int) -> int | None:
     return None
 
 
-def holds_open(pid: int, target: str) -> bool:
-    """Whether process `pid` has a descriptor on the file at absolute path `target`."""
-    folder = f"/proc/{pid}/fd"
+def writable_descriptors(pid: int, target: str) -> int:
+    """How many descriptors process `pid` holds open for writing on the file at `target`.
+
+    Only writable ones count: a program that reads a file and writes it anew
+    (`r = open(p); w = open(p, "w"); w.close()`, `sort -o f f`) still holds the reader
+    when it closes the writer, and that close must publish (and report failure).
+    """
+    folder = f"/proc/{pid}"
     try:
-        descriptors = os.listdir(folder)
+        descriptors = os.listdir(f"{folder}/fd")
     except OSError:
-        return False  # gone, or not ours to read: nothing of it can keep writing to the file
+        return 0  # gone, or not ours to read: nothing of it can keep writing to the file
+    count = 0
     for fd in descriptors:
         try:
-            if os.readlink(f"{folder}/{fd}") == target:
-                return True
-        except OSError:
+            if os.readlink(f"{folder}/fd/{fd}") != target:
+                continue
+            with open(f"{folder}/fdinfo/{fd}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        except (OSError, StopIteration, ValueError):
             continue
-    return False
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            count += 1
+    return count

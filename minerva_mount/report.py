@@ -40,14 +40,17 @@ class RecentFailures(logging.Handler):
         logging.getLogger("minerva").removeHandler(self)
 
 
-def upload_entry(upload, now: float) -> dict:
-    elapsed = max(now - upload.started, 1e-6)
-    rate = upload.uploaded / elapsed
-    total = upload.size if upload.closing else None
-    eta = (total - upload.uploaded) / rate if total is not None and rate > 0 else None
-    return {"path": upload.path, "written": upload.size, "uploaded": upload.uploaded,
-            "total": total, "closing": upload.closing, "elapsed": round(elapsed, 3),
-            "rate": round(rate, 1), "eta": None if eta is None else round(eta, 1)}
+def upload_entry(held, now: float) -> dict:
+    """One held file (localfiles.LocalFile): streamed, staged, kept back, publishing or failed."""
+    elapsed = max(now - held.started, 1e-6)
+    rate = held.uploaded / elapsed
+    closing = held.state.value in ("publishing", "failed", "kept-back") or held.writers == 0
+    total = held.size if closing else None
+    eta = (total - held.uploaded) / rate if total is not None and rate > 0 else None
+    return {"path": held.path, "state": held.state.value, "written": held.size,
+            "uploaded": held.uploaded, "total": total, "closing": closing,
+            "elapsed": round(elapsed, 3), "rate": round(rate, 1),
+            "eta": None if eta is None else round(eta, 1)}
 
 
 def snapshot(*, mountpoint: str, started: float, core, provider, failures: RecentFailures) -> dict:
@@ -58,8 +61,8 @@ def snapshot(*, mountpoint: str, started: float, core, provider, failures: Recen
         "pid": os.getpid(),
         "up_seconds": round(time.time() - started, 1),
         "area": f"s3://{creds.bucket}/{creds.prefix}" if creds else None,
-        "uploads": [upload_entry(u, now) for u in list(core.pending.values())],
-        "uploads_completed": core.completed,
+        "uploads": [upload_entry(f, now) for f in core.files.unfinished()],
+        "uploads_completed": core.files.completed,
         "errors_logged": failures.errors,
         "recent_failures": list(failures.entries),
         "credentials": {

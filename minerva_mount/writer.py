@@ -1,11 +1,8 @@
-"""A new file written sequentially, streamed to S3 as a multipart upload.
+"""A new file written front to back, streamed to S3 as a multipart upload (multipart.py).
 
-Parts go up in the background while the application keeps writing; at most `max_inflight`
-parts per file are in memory, so a fast writer waits instead of filling memory. The object
-appears only at `finish` (CompleteMultipartUpload, or one PUT for a file smaller than a
-part), so nobody watching the bucket sees a half-written file. A failed upload is left
-as it is: the session policy allows no AbortMultipartUpload, and a lifecycle rule on the
-service side removes it.
+The first part (8 MiB) stays in memory: until it is sent, nothing of the file is in S3, so
+the file can still be renamed, or moved to a staging file if a write comes out of order
+(`buffered`). A file smaller than one part goes up in one PUT at `finish`.
 """
 
 import logging
@@ -14,21 +11,10 @@ import time
 import trio
 
 from .errors import MinervaError, StoreError
+from .multipart import MultipartSender, part_size
 from .store import MTIME_META
 
 log = logging.getLogger("minerva.writer")
-
-MIN_PART = 8 << 20
-MAX_PARTS = 10_000
-MAX_INFLIGHT = 8  # parts in memory and on the wire per file (boto3's upload_file uses 10 threads)
-
-
-def part_size(number: int) -> int:
-    """Size of part `number` (1-based): 8 MiB for the first 1,000, doubling each 1,000 after.
-
-    10,000 parts then reach past 5 TiB while small files keep small parts.
-    """
-    return MIN_PART << ((number - 1) // 1000)
 
 
 class NotSequential(MinervaError):
@@ -36,36 +22,26 @@ class NotSequential(MinervaError):
 
 
 class Upload:
-    def __init__(self, store, path: str, nursery: trio.Nursery, max_inflight: int = MAX_INFLIGHT):
+    def __init__(self, store, path: str, nursery: trio.Nursery):
         self.store = store
         self.path = path
         self._nursery = nursery
-        self._slots = trio.Semaphore(max_inflight)
         self._buf = bytearray()
-        self._upload_id: str | None = None
-        self._parts: dict[int, str] = {}
-        self._next_part = 1
-        self._inflight = 0
-        self._idle = trio.Event()
-        self._idle.set()
-        self._error: MinervaError | None = None
+        self._sender: MultipartSender | None = None
         self.size = 0
         self.mtime: float | None = None
-        self.written = False
-        self.finished = False
-        self.etag: str | None = None
-        self.uploaded = 0  # bytes S3 has acknowledged, for status and progress bars
         self.started = time.monotonic()
         self.closing = False  # finish() under way: `size` is now the final total
 
     @property
-    def failed(self) -> bool:
-        return self._error is not None
+    def uploaded(self) -> int:
+        """Bytes S3 has acknowledged, for status and progress bars."""
+        return self._sender.uploaded if self._sender else 0
 
     @property
     def renameable(self) -> bool:
         """Nothing has reached S3 yet, so the object's name can still change."""
-        return self._upload_id is None and not self.finished
+        return self._sender is None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -76,86 +52,53 @@ class Upload:
         return bytes(self._buf)
 
     async def write(self, offset: int, data: bytes) -> int:
-        if self._error:
-            raise self._error
-        if self.finished:
-            raise StoreError(f"write to {self.path} after it was uploaded and closed")
+        if self._sender is not None and self._sender.error:
+            raise self._sender.error
+        if self.closing:
+            raise StoreError(f"write to {self.path} after it was closed")
         if offset != self.size:
             raise NotSequential(
                 f"write at {offset} in {self.path}, expected {self.size}: only sequential "
                 "writes are supported for new files")
         self._buf += data
         self.size += len(data)
-        self.written = True
-        while len(self._buf) >= part_size(self._next_part):
+        while len(self._buf) >= part_size(self._next_number()):
             await self._send_part()
         return len(data)
+
+    def _next_number(self) -> int:
+        return self._sender.next_part if self._sender else 1
 
     async def truncate(self, size: int) -> None:
         if size == self.size:
             return
-        if self._upload_id is None and size < self.size:
+        if self._sender is None and size < self.size:
             del self._buf[size:]
             self.size = size
             return
         raise NotSequential(f"truncate of {self.path} to {size} while uploading")
 
     async def _send_part(self) -> None:
-        if self._upload_id is None:
-            self._upload_id = await self.store.create_multipart(self.path, self.metadata)
-        if self._next_part > MAX_PARTS:
-            raise StoreError(f"{self.path} is larger than S3's 10,000-part limit allows")
-        size = part_size(self._next_part)
+        if self._sender is None:
+            self._sender = MultipartSender(self.store, self.path, self._nursery)
+        size = part_size(self._sender.next_part)
         if len(self._buf) == size:  # the usual case (writes of 1 MiB): hand the buffer over
             data, self._buf = self._buf, bytearray()
         else:
             data = self._buf[:size]
             del self._buf[:size]
-        number = self._next_part
-        self._next_part += 1
-        await self._slots.acquire()
-        self._inflight += 1
-        self._idle = trio.Event()
-        self._nursery.start_soon(self._upload_part, number, data)
-
-    async def _upload_part(self, number: int, data: bytes) -> None:
-        try:
-            self._parts[number] = await self.store.upload_part(self.path, self._upload_id, number, data)
-            self.uploaded += len(data)
-        except MinervaError as exc:
-            self._error = self._error or exc
-        except Exception as exc:  # a bug must surface as EIO at close, not kill the mount
-            log.exception("part %d of %s failed", number, self.path)
-            self._error = self._error or StoreError(f"part {number} of {self.path}: {exc!r}")
-        finally:
-            self._slots.release()
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+        await self._sender.send(data, self.metadata)
 
     async def finish(self) -> str:
         """Send what is left and make the object appear; returns its ETag."""
-        if self.finished:
-            return self.etag
         if self.mtime is None:
             self.mtime = time.time()
         self.closing = True
-        try:
-            if self._upload_id is None:
-                self.etag = await self.store.put(self.path, bytes(self._buf), self.metadata)
-                self.uploaded = self.size
-            else:
-                if self._buf:
-                    await self._send_part()
-                await self._idle.wait()
-                if self._error:
-                    raise self._error
-                parts = sorted(self._parts.items())
-                self.etag = await self.store.complete_multipart(self.path, self._upload_id, parts)
-        except MinervaError as exc:
-            log.error("upload of %s failed: %s", self.path, exc)
-            self._error = exc
-            raise
+        if self._sender is None:
+            etag = await self.store.put(self.path, bytes(self._buf), self.metadata)
+        else:
+            if self._buf:
+                await self._send_part()
+            etag = await self._sender.complete()
         self._buf = bytearray()
-        self.finished = True
-        return self.etag
+        return etag

@@ -9,8 +9,9 @@ stops asking; with ENODATA it asks again for every file (two round trips per fil
 the time of a warm `ls -l`).
 
 What a user or a script can read with getfattr:
-- `user.minerva.state` on a file: `uploading` while it is being written or sent (not yet in
-  S3), `uploaded` once the object is complete in S3.
+- `user.minerva.state` on a file: its state in localfiles.py while it is held here
+  (`uploading` while streamed, `staged`, `kept-back`, `publishing`, `failed`), `uploaded` once
+  the object is complete in S3.
 - `user.minerva.etag` on a file: the object's S3 ETag, once it has one.
 - `user.minerva.requests` on the mount root: the S3 requests made so far, by kind, as JSON
   (what tests and benchmarks read before and after an operation).
@@ -20,6 +21,7 @@ import errno
 import json
 
 from .errors import MinervaError, NotFound
+from .localfiles import State
 from .namespace import ROOT_INODE
 
 PREFIX = "user.minerva."
@@ -48,9 +50,13 @@ def _values(core, inode: int) -> dict[str, str]:
         return {REQUESTS: json.dumps(dict(sorted(core.store.requests.items())))}
     if node.is_dir:
         return {}
-    if node.path in core.pending:
-        return {STATE: "uploading"}
-    values = {STATE: "uploaded"}
+    held = core.files.get(node.path)
+    if held is not None:
+        values = {STATE: held.state.value}
+        if held.state is not State.PUBLISHED:
+            return values
+    else:
+        values = {STATE: "uploaded"}
     if node.etag:
         values[ETAG] = node.etag
     return values

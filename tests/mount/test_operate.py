@@ -26,7 +26,7 @@ from helpers import stop_process, wait_for
 
 from minerva_mount.commands.service import unit_text
 from minerva_mount.commands.status import human_bytes
-from minerva_mount.writer import part_size
+from minerva_mount.multipart import part_size
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
 from minerva_mount.fakestore import FakeStore
 from minerva_mount.namespace import ROOT_INODE
-from minerva_mount.writer import MIN_PART, part_size
+from minerva_mount.multipart import MIN_PART, part_size
 
 WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
@@ -221,7 +221,7 @@ def test_a_listing_that_started_before_a_publish_is_not_cached():
 
         store.list_dir = slow_list
         async with trio.open_nursery() as inner:
-            core._forget_listing("Incoming")
+            core.listings.forget("Incoming")
             inner.start_soon(core.opendir, incoming)
             await started.wait()
             await core.write(fh_new, 0, b"new")

@@ -11,9 +11,10 @@ from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
 from minerva_mount.fakestore import FakeStore
 from minerva_mount.namespace import ROOT_INODE
-from minerva_mount.staging import BLOCK, is_temporary
+from minerva_mount.namespace import is_temporary
+from minerva_mount.staging import BLOCK, StagingArea
 from minerva_mount.store import MTIME_META
-from minerva_mount.writer import MAX_INFLIGHT, MIN_PART
+from minerva_mount.multipart import MAX_INFLIGHT, MIN_PART
 
 WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 MIB = 1 << 20
@@ -27,14 +28,15 @@ def run(tmp_path):
         async def main():
             store = FakeStore()
             async with trio.open_nursery() as nursery:
-                core = Core(store, nursery, staging_dir=str(staging))
+                staging.mkdir(mode=0o700, exist_ok=True)
+                area = StagingArea(os.open(staging, os.O_RDONLY | os.O_DIRECTORY))
+                core = Core(store, nursery, staging=area)
                 await test(core, store)
-                assert not [s for s in core.staged.values() if s.opens]
+                assert not [f for f in core.files if f.opens]
                 nursery.cancel_scope.cancel()
         trio.run(main)
-        if staging.exists():  # made at the first staging file
-            assert oct(staging.stat().st_mode & 0o777) == "0o700"
-            assert os.listdir(staging) == []  # staging files are unlinked at once
+        assert oct(staging.stat().st_mode & 0o777) == "0o700"
+        assert os.listdir(staging) == []  # staging files have no name (O_TMPFILE)
     return runner
 
 
@@ -61,7 +63,7 @@ async def read_all(core, fh, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("name", [
-    "report.pdf.part", ".goutputstream-A1b2C3", ".notes.txt.swp", ".notes.txt.swo", "notes.txt~",
+    "report.pdf.part", ".goutputstream-A1b2C3", ".notes.txt.swp", ".notes.txt.swo", ".v.txt.swx", "4913", "notes.txt~",
     ".data.csv.Xy12Zq", ".~lock.budget.ods#", "~$budget.docx"])
 def test_temporary_names(name):
     assert is_temporary("Incoming/sub/" + name)
@@ -157,7 +159,7 @@ def test_temporary_file_deleted_never_reaches_s3(run):
         await close(core, fh)
         await core.unlink(await inode_of(core, "Incoming"), b".notes.txt.swp")
         assert store.objects == {} and store.requests["delete"] == 0
-        assert core.staged == {}
+        assert list(core.files) == []
     run(test)
 
 
@@ -260,7 +262,7 @@ def test_failed_staged_upload_fails_close_with_eio_and_leaves_the_object(run):
         assert info.value.errno == errno.EIO
         await core.release(fh)
         assert store.objects["Incoming/keep.txt"][0] == b"original"
-        assert core.staged == {}
+        assert list(core.files) == []
     run(test)
 
 

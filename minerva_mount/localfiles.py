@@ -1,0 +1,304 @@
+"""The one owner of every file held locally: not yet in S3, or open while it is published.
+
+A file is held here from the moment a program creates it or opens it for writing until its
+content is in S3 and the last handle on it is released. Each held file is a `LocalFile` whose
+`state` says where it stands; every transition is a method of `LocalFiles`, so the questions
+"is this path held here?", "may it be sent now?", "what is in this folder?", "what is its
+state?" each have one answer, asked by lookups and listings (the overlay on S3's listing),
+rmdir/rename/unlink, xattrs, status and the stop drain alike.
+
+    STREAMING --------------------.            (new file written front to back, parts going up)
+        | out-of-order write      |
+        v                         v
+    STAGED --last writer's close--> PUBLISHING --ok--> PUBLISHED --last release--> (dropped)
+      ^  |                            |     `--error--> FAILED ----last release--> (dropped)
+      |  `-- close under a temporary  |
+      |      name, or a file created  `-- a write, rename or unlink waits for it (`settle`)
+      |      read-write never written
+      |           v
+      `-- write -- KEPT_BACK --renamed to a final name--> PUBLISHING
+
+Unlinking a held file, or renaming another file over it, detaches it (DETACHED): its handles
+keep working on its content, and it is never sent. `publish` is the only place that sends a
+held file to S3.
+"""
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import MinervaError
+from .namespace import is_temporary
+from .staging import Staged
+from .store import ObjectInfo
+from .writer import Upload
+
+log = logging.getLogger("minerva.localfiles")
+
+
+class State(enum.Enum):
+    """Values are what `user.minerva.state` shows."""
+
+    STREAMING = "uploading"  # open; written front to back, parts go up as they fill
+    STAGED = "staged"  # content in a staging file, to be sent at the last writer's close
+    KEPT_BACK = "kept-back"  # closed, held until renamed to a final name (or deleted)
+    PUBLISHING = "publishing"  # being sent as one object
+    PUBLISHED = "uploaded"  # in S3; still held while a handle is open on it
+    FAILED = "failed"  # the send failed; the close reported it; held while a handle is open
+    DETACHED = "deleted"  # unlinked or replaced while open: never sent
+
+
+UNSENT = (State.STREAMING, State.STAGED, State.KEPT_BACK, State.PUBLISHING)
+
+
+@dataclass(eq=False)
+class LocalFile:
+    path: str
+    state: State
+    upload: Upload | None = None  # the content while STREAMING
+    staged: Staged | None = None  # the content otherwise
+    dirty: bool = True  # differs from what S3 holds under `path`
+    created_empty: bool = False  # created read-write or read-only and never written (see hold)
+    writers: int = 0  # writer handles whose last close has not come yet
+    opens: int = 0  # handles of any kind
+    error: MinervaError | None = None
+    settled: trio.Event = field(default_factory=trio.Event)  # set while not PUBLISHING
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        self.settled.set()
+
+    @property
+    def size(self) -> int:
+        return self.upload.size if self.upload is not None else self.staged.size
+
+    @property
+    def mtime(self) -> float | None:
+        return self.upload.mtime if self.upload is not None else self.staged.mtime
+
+    @mtime.setter
+    def mtime(self, value: float) -> None:
+        if self.upload is not None:
+            self.upload.mtime = value
+        else:
+            self.staged.mtime = value
+
+    @property
+    def uploaded(self) -> int:
+        return self.upload.uploaded if self.upload is not None else self.staged.uploaded
+
+    @property
+    def in_s3(self) -> ObjectInfo | None:
+        """The object S3 holds under the file's name and that its content started from."""
+        return self.staged.base if self.staged is not None else None
+
+    def entry(self) -> ObjectInfo:
+        """As a listing shows it."""
+        base = self.in_s3
+        mtime = self.mtime or (base.mtime if base else None) or time.time()
+        etag = base.etag if base is not None and not self.dirty else ""
+        return ObjectInfo(self.path, self.size, mtime, etag)
+
+
+class LocalFiles:
+    """Every held file, by path; `on_published(file, etag)` lets the core update its caches."""
+
+    def __init__(self, nursery: trio.Nursery, on_published: Callable[[LocalFile, str], None]):
+        self._nursery = nursery
+        self._on_published = on_published
+        self._by_path: dict[str, LocalFile] = {}
+        self.completed = 0  # files published since the mount started
+        self.idle = trio.Event()  # set while no file has content still to send (for drain)
+        self.idle.set()
+
+    # ----- questions ---------------------------------------------------------------------
+
+    def get(self, path: str) -> LocalFile | None:
+        return self._by_path.get(path)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._by_path
+
+    def __iter__(self) -> Iterator[LocalFile]:
+        return iter(list(self._by_path.values()))
+
+    def in_folder(self, dir_path: str) -> list[LocalFile]:
+        return [f for f in self._by_path.values() if f.path.rpartition("/")[0] == dir_path]
+
+    def under(self, dir_path: str) -> list[LocalFile]:
+        return [f for f in self._by_path.values() if f.path.startswith(dir_path + "/")]
+
+    def state_of(self, path: str) -> State | None:
+        f = self._by_path.get(path)
+        return f.state if f is not None else None
+
+    def unfinished(self) -> list[LocalFile]:
+        """Files whose content is not (all) in S3: what a stop must wait for or name."""
+        return [f for f in self._by_path.values() if f.state in UNSENT or f.state is State.FAILED]
+
+    # ----- transitions -------------------------------------------------------------------
+
+    def _add(self, f: LocalFile) -> LocalFile:
+        old = self._by_path.get(f.path)
+        if old is not None:
+            self.detach(old)
+        self._by_path[f.path] = f
+        self._update_idle()
+        return f
+
+    def streaming(self, path: str, upload: Upload) -> LocalFile:
+        return self._add(LocalFile(path, State.STREAMING, upload=upload))
+
+    def staged(self, path: str, staged: Staged, *, dirty: bool) -> LocalFile:
+        return self._add(LocalFile(path, State.STAGED, staged=staged, dirty=dirty))
+
+    def restaged(self, f: LocalFile, staged: Staged) -> None:
+        """STREAMING -> STAGED: a new file stopped being sequential before a part was sent."""
+        assert f.state in (State.STREAMING, State.DETACHED) and f.upload is not None
+        f.upload, f.staged = None, staged
+        if f.state is State.STREAMING:
+            f.state = State.STAGED
+        self._update_idle()
+
+    def opened(self, f: LocalFile, writer: bool) -> None:
+        f.opens += 1
+        if writer:
+            f.writers += 1
+            if f.state in (State.KEPT_BACK, State.PUBLISHED, State.FAILED):
+                f.state, f.error = State.STAGED, None
+        self._update_idle()
+
+    def writing_again(self, f: LocalFile) -> None:
+        """A handle whose close was taken as its last writes again (a copy we could not see)."""
+        f.writers += 1
+        self.changed(f)
+
+    def changed(self, f: LocalFile) -> None:
+        """Content written or truncated: it differs from S3 now."""
+        f.dirty, f.created_empty = True, False
+        if f.state in (State.PUBLISHED, State.FAILED, State.KEPT_BACK):
+            f.state, f.error = State.STAGED, None
+        self._update_idle()
+
+    def writer_closed(self, f: LocalFile) -> bool:
+        """A writer handle's last close: whether the file should be published now."""
+        f.writers -= 1
+        return f.writers == 0 and f.state in (State.STREAMING, State.STAGED)
+
+    def released(self, f: LocalFile) -> bool:
+        """A handle is gone: drops the file after the last one, unless content waits to be
+        sent. Returns whether it should be published now (a writer that never flushed)."""
+        f.opens -= 1
+        if f.opens > 0:
+            return False
+        if f.state is State.STAGED and f.writers == 0:
+            return True
+        if f.state in (State.PUBLISHED, State.FAILED, State.DETACHED):
+            self._drop(f)
+        return False
+
+    def detach(self, f: LocalFile) -> None:
+        """Unlinked, or replaced by a rename: never sent; content freed after its last handle."""
+        if self._by_path.get(f.path) is f:
+            del self._by_path[f.path]
+        f.state = State.DETACHED
+        if f.opens == 0:
+            self._free(f)
+        self._update_idle()
+
+    def renamed(self, f: LocalFile, dst: str) -> None:
+        """The file takes a new name locally (nothing is sent by this)."""
+        old = self._by_path.get(dst)
+        if old is not None and old is not f:
+            self.detach(old)
+        del self._by_path[f.path]
+        f.path = dst
+        if f.upload is not None:
+            f.upload.path = dst
+        if f.staged is not None:
+            f.staged.path = dst
+        self._by_path[dst] = f
+
+    async def settle(self, f: LocalFile) -> None:
+        """Wait while the file is being published (renames and unlinks are ordered after it)."""
+        await f.settled.wait()
+
+    async def publish(self, f: LocalFile) -> None:
+        """The one place that sends a held file: as one object, under its name, once.
+
+        A temporary name, or a file created without being opened for writing and never
+        written, is kept back instead (sent when renamed to a final name, or written).
+        """
+        await f.settled.wait()
+        if f.state not in (State.STREAMING, State.STAGED, State.KEPT_BACK) or self.get(f.path) is not f:
+            return
+        if is_temporary(f.path) or f.created_empty:
+            self._keep_back(f)
+            return
+        if not f.dirty:
+            f.state = State.PUBLISHED
+            self._after_send(f)
+            return
+        f.state, f.settled = State.PUBLISHING, trio.Event()
+        try:
+            if f.upload is not None:
+                etag = await f.upload.finish()
+            else:
+                if f.staged.mtime is None:
+                    f.staged.mtime = time.time()
+                etag = await f.staged.upload(f.path, self._nursery)
+        except MinervaError as exc:
+            log.error("upload of %s failed: %s", f.path, exc)
+            f.state, f.error = State.FAILED, exc
+            if f.upload is not None:
+                f.state = State.DETACHED  # streamed parts cannot be sent again: nothing to keep
+                self.detach(f)
+            raise
+        finally:
+            f.settled.set()
+            self._update_idle()
+        if f.state is State.PUBLISHING:
+            f.state, f.dirty = State.PUBLISHED, False
+            self.completed += 1
+            self._on_published(f, etag)
+        self._after_send(f)
+
+    def _keep_back(self, f: LocalFile) -> None:
+        if f.upload is not None:
+            raise AssertionError(f"{f.path}: streamed files are never kept back")
+        f.state = State.KEPT_BACK
+        why = "a temporary name" if is_temporary(f.path) else "created and never written"
+        log.info("kept back %s (%s): sent once renamed to a final name", f.path, why)
+        self._update_idle()
+
+    def _after_send(self, f: LocalFile) -> None:
+        if f.opens == 0 and f.writers == 0 and self.get(f.path) is f:
+            self._drop(f)
+        self._update_idle()
+
+    def dropped_failed(self, f: LocalFile) -> None:
+        """A failed file with no handle: its content is given up (the close reported it)."""
+        self._drop(f)
+
+    def _drop(self, f: LocalFile) -> None:
+        if self._by_path.get(f.path) is f:
+            del self._by_path[f.path]
+        self._free(f)
+        self._update_idle()
+
+    @staticmethod
+    def _free(f: LocalFile) -> None:
+        if f.staged is not None:
+            f.staged.close()
+
+    def _update_idle(self) -> None:
+        busy = any(f.state in (State.STREAMING, State.PUBLISHING) or (f.state is State.STAGED and f.dirty)
+                   for f in self._by_path.values())
+        if busy and self.idle.is_set():
+            self.idle = trio.Event()
+        elif not busy:
+            self.idle.set()
