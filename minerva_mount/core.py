@@ -222,9 +222,18 @@ class Core:
             node.mtime = mtime
         return node
 
+    def _changeable(self, path: str) -> LocalFile | None:
+        """The held file a change applies to; a streamed file already published (its handle
+        not yet released) has no content to change: the change starts from S3 again."""
+        f = self.files.get(path)
+        if f is not None and f.upload is not None and f.state is not State.STREAMING:
+            self.files.detach(f)
+            return None
+        return f
+
     async def _truncate(self, node: Node, size: int) -> None:
         check_size(node.path, size)
-        f = self.files.get(node.path)
+        f = self._changeable(node.path)
         if f is None:
             if size == node.size:
                 return
@@ -320,6 +329,8 @@ class Core:
 
     def _open_handle(self, handle: Handle, pid: int | None = None) -> int:
         fh = self._take_fh()
+        handle.direct_io = handle.writing and any(
+            isinstance(other, ReadHandle) and other.node is handle.node for other in self.handles.values())
         handle.node.opens += 1
         if handle.file is not None:
             self.files.opened(handle.file, handle.writing)
@@ -358,13 +369,10 @@ class Core:
 
     async def _open_writer(self, node: Node, flags: int, pid: int | None, created: bool) -> int:
         """A streaming handle for a new file written front to back; a staged one otherwise."""
-        f = self.files.get(node.path)
+        f = self._changeable(node.path)
         if f is not None and f.state is State.STREAMING:
             raise busy(f"{node.path} is already open for writing")
         truncate = bool(flags & os.O_TRUNC) or created
-        if f is not None and f.staged is None:  # a streamed file, published, still open
-            self.files.detach(f)
-            f = None
         if (f is None and flags & os.O_ACCMODE == os.O_WRONLY and truncate
                 and not is_temporary(node.path)):
             upload = Upload(self.store, node.path, self.nursery)
@@ -377,7 +385,7 @@ class Core:
         if truncate and f.size:
             await f.staged.truncate(0)
             self.files.changed(f)
-        if created:
+        if created and f.opens == 0 and f.in_s3 is None:
             # Created without being opened for writing (fallocate, `exec 3<>f`) and never
             # written: not sent at close (see LocalFiles.publish).
             f.created_empty = flags & os.O_ACCMODE != os.O_WRONLY
@@ -552,10 +560,7 @@ class Core:
         if area_of(dst) is Area.INCOMING and is_temporary(dst) and self._key(src) == src:
             # Renamed TO a temporary name: it leaves S3 and is held here until renamed back.
             node = self.inodes.find(src) or self.inodes.upsert(src, False)
-            if f is not None and f.staged is None:  # a streamed file, published, still open
-                self.files.detach(f)
-                f = None
-            f = f or await self._hold(node, keep=True)
+            f = self._changeable(src) or await self._hold(node, keep=True)
             await f.staged.fill_all()
             await self.store.delete(src)
             self.files.renamed(f, dst)

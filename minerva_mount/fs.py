@@ -174,7 +174,8 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def open(self, inode, flags, ctx):
         fh = await self.core.open(inode, flags, pid=ctx.pid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.core.handles[fh].keep_cache)
+        handle = self.core.handles[fh]
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):

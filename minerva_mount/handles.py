@@ -24,6 +24,10 @@ class Handle:
     keep_cache: bool = False  # the kernel may keep its page cache of this file (same ETag)
     writing: bool = False  # a writer whose last close has not come yet
     file: LocalFile | None = None  # the held file, for streaming and staged handles
+    # Writes bypass the kernel's page cache: set on a writer opened while read handles of the
+    # old object are open, whose cached pages the kernel would otherwise fill with the new
+    # bytes, so a reader would get old bytes, then new ones (a mix no version ever held).
+    direct_io: bool = False
 
     async def read(self, offset: int, size: int):
         raise NotPermitted(f"{self.node.path} was not opened for reading")
