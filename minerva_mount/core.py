@@ -8,65 +8,47 @@ LIST per 1,000 entries and no HEAD per file. Files held locally (being written, 
 back under a temporary name) belong to localfiles.py and are shown on top of the listing.
 """
 
-import errno
 import logging
-import os
 import stat
 import time
 
 import cachetools
 import trio
 
-from . import openers
 from .errors import (
-    Busy,
     Exists,
     InvalidName,
-    IsADirectory,
-    MinervaError,
     NameTooLong,
     NotADirectory,
     NotEmpty,
     NotFound,
-    NotPermitted,
-    NotSupported,
 )
-from .foldermove import check_keys, move_tree
-from .handles import Handle, ReadHandle, StagedHandle, StreamingHandle
-from .listings import DIR, GONE, ListingCache
-from .localfiles import UNSENT, LocalFile, LocalFiles, State
+from .fileops import FileOps
+from .handles import Handle
+from .listings import DIR, GONE, MISSING, ListingCache
+from .localfiles import UNSENT, LocalFiles
 from .namespace import (
     MAX_KEY_BYTES,
-    Area,
     InodeTable,
     Node,
-    area_of,
     check_name,
-    is_temporary,
     join,
     require_changeable,
     require_writable,
 )
-from .reader import Blocks, Reader
+from .reader import Blocks
+from .renames import Renames
 from .shown import convert_listing
-from .staging import Staged, StagingArea, check_size
+from .staging import StagingArea, check_size
 from .store import ObjectInfo
-from .writer import NotSequential, Upload
+from .writer import NotSequential
 
 log = logging.getLogger("minerva.core")
-MISSING = False  # no such name in the folder (DIR, None, is a folder)
 
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 SNAPSHOT_ENTRIES = 200_000  # folder entries kept for reuse by the next opendir
 
 
-def busy(message: str) -> Busy:
-    """Every EBUSY is logged with its path and reason (tenet 2)."""
-    log.warning("refused: %s", message)
-    return Busy(message)
-
-
-class Core:
+class Core(FileOps, Renames):
     def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None,
                  staging: StagingArea | None = None, mountpoint: str | None = None, still_open=None):
         self.store = store
@@ -212,8 +194,10 @@ class Core:
         node = self._node(inode)
         if size is not None:
             await self._truncate(node, size)
+        f = self.files.get(node.path)
+        if f is not None:
+            node.size, node.mtime = f.size, f.mtime or node.mtime
         if mtime is not None:
-            f = self.files.get(node.path)
             if f is not None and f.state in UNSENT:
                 f.mtime = mtime
             elif node.etag:
@@ -221,15 +205,6 @@ class Core:
                 self.mtimes[node.path] = (node.etag, mtime)
             node.mtime = mtime
         return node
-
-    def _changeable(self, path: str) -> LocalFile | None:
-        """The held file a change applies to; a streamed file already published (its handle
-        not yet released) has no content to change: the change starts from S3 again."""
-        f = self.files.get(path)
-        if f is not None and f.upload is not None and f.state is not State.STREAMING:
-            self.files.detach(f)
-            return None
-        return f
 
     async def _truncate(self, node: Node, size: int) -> None:
         check_size(node.path, size)
@@ -320,310 +295,6 @@ class Core:
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.listings.forget(path)
         self.inodes.removed(path)
-
-    # ----- opening files ------------------------------------------------------------
-
-    def _take_fh(self) -> int:
-        fh, self._next_fh = self._next_fh, self._next_fh + 1
-        return fh
-
-    def _open_handle(self, handle: Handle, pid: int | None = None) -> int:
-        fh = self._take_fh()
-        handle.direct_io = handle.writing and any(
-            isinstance(other, ReadHandle) and other.node is handle.node for other in self.handles.values())
-        handle.node.opens += 1
-        if handle.file is not None:
-            self.files.opened(handle.file, handle.writing)
-        if pid and self.mountpoint is not None and handle.writing:
-            handle.opener = openers.process_of(pid)
-        self.handles[fh] = handle
-        return fh
-
-    async def open(self, inode: int, flags: int, pid: int | None = None) -> int:
-        node = self._node(inode)
-        if node.is_dir:
-            raise IsADirectory(node.path)
-        f = self.files.get(node.path)
-        if flags & os.O_ACCMODE == os.O_RDONLY:
-            if f is not None and f.state is State.STREAMING:
-                raise busy(f"{node.path} is being written; it can be read once closed")
-            if f is not None and f.staged is not None:  # held: read what the writers see
-                return self._open_handle(StagedHandle(node, file=f), pid)
-            return await self._open_object(node)
-        require_writable(node.path, "write")
-        if node.path in self.aliases:
-            raise NotPermitted(f"{node.path} stands for {self._key(node.path)}, which only a folder "
-                               "name can show: rename it to write it")
-        return await self._open_writer(node, flags, pid, created=False)
-
-    async def _open_object(self, node: Node) -> int:
-        if node.parent_path not in self.listings or not node.etag:
-            info = await self.store.head(self._key(node.path))
-            node.size, node.mtime, node.etag = info.size, info.mtime, info.etag
-            self.mtimes[node.path] = (info.etag, info.mtime)
-        info = ObjectInfo(self._key(node.path), node.size, node.mtime, node.etag or "")
-        keep = bool(info.etag) and self.page_cache_etags.get(node.inode) == info.etag
-        if info.etag:
-            self.page_cache_etags[node.inode] = info.etag
-        return self._open_handle(ReadHandle(node, reader=Reader(self.blocks, info), keep_cache=keep))
-
-    async def _open_writer(self, node: Node, flags: int, pid: int | None, created: bool) -> int:
-        """A streaming handle for a new file written front to back; a staged one otherwise."""
-        f = self._changeable(node.path)
-        if f is not None and f.state is State.STREAMING:
-            raise busy(f"{node.path} is already open for writing")
-        truncate = bool(flags & os.O_TRUNC) or created
-        if (f is None and flags & os.O_ACCMODE == os.O_WRONLY and truncate
-                and not is_temporary(node.path)):
-            upload = Upload(self.store, node.path, self.nursery)
-            node.size = 0
-            f = self.files.streaming(node.path, upload)
-            return self._open_handle(StreamingHandle(node, file=f, writing=True), pid)
-        if f is None or created:
-            f = await self._hold(node, keep=not truncate)
-        await self.files.settle(f)
-        if truncate and f.size:
-            await f.staged.truncate(0)
-            self.files.changed(f)
-        if created and f.opens == 0 and f.in_s3 is None:
-            # Created without being opened for writing (fallocate, `exec 3<>f`) and never
-            # written: not sent at close (see LocalFiles.publish).
-            f.created_empty = flags & os.O_ACCMODE != os.O_WRONLY
-        node.size = f.size
-        return self._open_handle(StagedHandle(node, file=f, writing=True), pid)
-
-    async def _hold(self, node: Node, keep: bool) -> LocalFile:
-        """A new staged held file for `node`, lazily filled from its object when `keep`."""
-        base = None
-        if keep:
-            base = await self.store.head(self._key(node.path))
-            self.mtimes[node.path] = (base.etag, base.mtime)
-        held = self.files.get(node.path)
-        if held is not None and not held.created_empty and held.staged is not None:
-            return held  # made meanwhile by another open
-        staged = Staged(self.store, self.staging, node.path, base)
-        return self.files.staged(node.path, staged, dirty=base is None)
-
-    async def create(self, parent_inode: int, name: bytes, flags: int,
-                     pid: int | None = None) -> tuple[int, Node]:
-        path = self._new_path(parent_inode, name)
-        require_writable(path, "create")
-        existing = await self._entry(self._dir(parent_inode).path, check_name(name))
-        if existing is DIR:
-            raise IsADirectory(path)
-        if existing is not MISSING and flags & os.O_EXCL:
-            raise Exists(path)
-        node = self.inodes.upsert(path, False, 0, time.time())
-        node.lookups += 1
-        return await self._open_writer(node, flags, pid, created=True), node
-
-    async def _restage(self, f: LocalFile) -> None:
-        """Move a new file that stopped being sequential from streaming to a staging file.
-
-        Possible while no part has been sent (the first part size, 8 MiB): all bytes are
-        still in memory. After that, the bytes sent exist only as parts of an upload that
-        cannot be read back, so the write fails with EOPNOTSUPP (logged).
-        """
-        upload = f.upload
-        if not upload.renameable:
-            log.warning("refused: non-sequential write to %s after %d bytes were streamed; write "
-                        "it front to back, or under a temporary name", upload.path, upload.size)
-            raise NotSupported(f"{upload.path}: non-sequential write after streaming began")
-        staged = Staged(self.store, self.staging, f.path, None)
-        await staged.write(0, upload.buffered())
-        staged.mtime = upload.mtime
-        self.files.restaged(f, staged)
-        for fh, handle in self.handles.items():
-            if handle.file is f:
-                self.handles[fh] = StagedHandle(handle.node, handle.opener, writing=handle.writing, file=f)
-
-    # ----- reading, writing, closing -------------------------------------------------
-
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
-        return await self.handles[fh].read(offset, size)
-
-    async def write(self, fh: int, offset: int, data: bytes) -> int:
-        try:
-            return await self.handles[fh].write(self.files, offset, data)
-        except NotSequential:
-            await self._restage(self.handles[fh].file)
-            return await self.handles[fh].write(self.files, offset, data)
-
-    async def flush(self, fh: int) -> None:
-        """close(): a writer's last close publishes; the object is complete in S3 when this
-        returns, or it raises (EIO, ENOSPC). A close of a copy (dup, fork) publishes nothing."""
-        handle = self.handles[fh]
-        if not handle.writing or await self._copy_still_open(fh, handle):
-            return
-        handle.writing = False
-        if self.files.writer_closed(handle.file):
-            await self.files.publish(handle.file)
-
-    async def _copy_still_open(self, fh: int, handle: Handle) -> bool:
-        """Whether another descriptor of this open file remains: then this close was a copy's."""
-        if self.still_open is not None:
-            return self.still_open(fh)
-        if self.mountpoint is None or handle.opener is None:
-            return False
-        others = sum(1 for other in self.handles.values() if other is not handle and other.writing
-                     and other.file is handle.file and other.opener == handle.opener)
-        target = os.path.join(self.mountpoint, handle.node.path)
-        held = await trio.to_thread.run_sync(
-            openers.writable_descriptors, handle.opener, target, limiter=self._proc_limiter)
-        if held > others:
-            log.debug("close of a copy of %s; the opener still holds it", handle.node.path)
-        return held > others
-
-    async def release(self, fh: int) -> None:
-        """The last descriptor is gone. A writer whose close was taken for a copy's is
-        published here; an error can only be logged now."""
-        handle = self.handles.pop(fh)
-        f = handle.file
-        try:
-            if f is None:
-                return
-            publish = False
-            if handle.writing:
-                handle.writing = False
-                publish = self.files.writer_closed(f)
-            publish = self.files.released(f) or publish
-            if publish:
-                try:
-                    await self.files.publish(f)
-                except MinervaError as exc:
-                    log.error("%s could not be published at its last release: %s", f.path, exc)
-            if f.state is State.FAILED and f.opens == 0:
-                self.files.dropped_failed(f)
-        finally:
-            self.inodes.closed(handle.node)
-
-    def _published(self, f: LocalFile, etag: str) -> None:
-        """A held file is now an object in S3: what the caches say of it follows."""
-        mtime = f.mtime or time.time()
-        self.mtimes[f.path] = (etag, mtime)
-        node = self.inodes.find(f.path)
-        if node is not None:
-            node.size, node.etag, node.mtime = f.size, etag, mtime
-        parent, _, name = f.path.rpartition("/")
-        self.listings.update(parent, name, ObjectInfo(f.path, f.size, mtime, etag or ""))
-        log.info("uploaded %s (%d bytes)", f.path, f.size)
-
-    # ----- unlink and rename ------------------------------------------------------------
-
-    async def unlink(self, parent_inode: int, name: bytes) -> None:
-        path, entry = await self._child(parent_inode, name)
-        require_changeable(path, "unlink")
-        if entry is DIR:
-            raise IsADirectory(path)
-        f = self.files.get(path)
-        if f is not None:
-            await self.files.settle(f)  # a publish under way completes first, then goes
-            if self.files.get(path) is f:
-                self.files.detach(f)
-        if self._key(path) != path or await self._in_s3(path):
-            await self.store.delete(self._key(path))
-        self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
-        self.inodes.removed(path)
-
-    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-                     flags: int = 0) -> None:
-        src, entry = await self._child(old_parent, old_name)
-        dst = self._new_path(new_parent, new_name)
-        require_changeable(src, "rename")
-        require_changeable(dst, "rename")
-        if area_of(dst) is not Area.INCOMING and src.split("/")[0] != dst.split("/")[0]:
-            log.warning("refused rename %s -> %s: files may only move into Incoming/", src, dst)
-            raise NotPermitted(f"rename {src} -> {dst}")
-        if flags & RENAME_EXCHANGE:
-            raise MinervaError("rename exchange is not supported", err=errno.EINVAL)
-        target = await self._entry(self._dir(new_parent).path, check_name(new_name))
-        if target is not MISSING and flags & RENAME_NOREPLACE:
-            raise Exists(dst)
-        if entry is DIR:
-            await self._rename_dir(src, dst, target)
-        else:
-            await self._rename_file(src, dst, target)
-        self.listings.forget(self._dir(old_parent).path)
-        self.listings.forget(self._dir(new_parent).path)
-        self.inodes.moved(src, dst)
-
-    async def _rename_file(self, src: str, dst: str, target) -> None:
-        if target is DIR:
-            raise IsADirectory(dst)
-        for held in (self.files.get(dst), self.files.get(src)):
-            if held is not None:
-                await self.files.settle(held)
-        f = self.files.get(src)
-        if f is not None and f.state in UNSENT:
-            await self._rename_held(f, src, dst)
-            return
-        if area_of(dst) is Area.INCOMING and is_temporary(dst) and self._key(src) == src:
-            # Renamed TO a temporary name: it leaves S3 and is held here until renamed back.
-            node = self.inodes.find(src) or self.inodes.upsert(src, False)
-            f = self._changeable(src) or await self._hold(node, keep=True)
-            await f.staged.fill_all()
-            await self.store.delete(src)
-            self.files.renamed(f, dst)
-            self.files.changed(f)
-            await self.files.publish(f)  # keeps it back
-            return
-        size = f.size if f is not None else getattr(self.inodes.find(src), "size", None)
-        etag = await self.store.copy(self._key(src), dst, size)  # the new name shows before the old goes
-        await self.store.delete(self._key(src))
-        known = self.mtimes.pop(src, None)
-        if known is not None and etag:
-            self.mtimes[dst] = (etag, known[1])
-        old = self.files.get(dst)
-        if old is not None:
-            self.files.detach(old)
-        if f is not None:  # published, still open: it goes on under the new name
-            self.files.renamed(f, dst)
-            if f.staged is not None:
-                f.staged.rebase(ObjectInfo(dst, f.size, f.mtime or 0.0, etag))
-
-    async def _rename_held(self, f: LocalFile, src: str, dst: str) -> None:
-        """A file with content not yet sent takes its new name locally; S3 loses the old name."""
-        if f.upload is not None and not f.upload.renameable:
-            raise busy(f"{src} is being uploaded (parts sent); rename it after it is closed")
-        base = f.in_s3
-        if base is not None and base.path == src:
-            if is_temporary(dst):
-                await f.staged.fill_all()  # the object goes; its bytes stay here
-            else:
-                etag = await self.store.copy(src, dst, base.size)
-                f.staged.rebase(ObjectInfo(dst, base.size, base.mtime, etag))
-        if await self._in_s3(src):
-            await self.store.delete(src)
-        self.files.renamed(f, dst)
-        if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
-            f.created_empty = False  # renamed to a final name: the user wants it there
-            f.state = State.STAGED
-            try:
-                await self.files.publish(f)
-            except MinervaError:
-                if self.files.get(dst) is f:  # keep it, under its old name, for a retry
-                    self.files.renamed(f, src)
-                    f.state = State.KEPT_BACK
-                raise
-
-    async def _rename_dir(self, src: str, dst: str, target) -> None:
-        if target is not MISSING and target is not DIR:
-            raise NotADirectory(dst)
-        if target is DIR and await self.store.has_children(dst + "/"):
-            raise NotEmpty(dst)
-        for f in self.files.under(src):
-            await self.files.settle(f)
-        unsent = [f for f in self.files.under(src) if f.state in UNSENT]
-        if unsent:
-            raise busy(f"{src} holds {unsent[0].path}, not uploaded yet ({unsent[0].state.value}); "
-                       "rename the folder once it is")
-        objects = await self.store.list_tree(src + "/")
-        check_keys(src, dst, objects)
-        await move_tree(self.store, src, dst, objects)
-        for f in self.files.under(src):  # published, still open: they go on under the new names
-            self.files.renamed(f, dst + f.path[len(src):])
-        for path in [p for p in self.listings if p == src or p.startswith(src + "/")]:
-            self.listings.forget(path)
 
     # ----- whole file system --------------------------------------------------------
 

@@ -154,6 +154,6 @@ async def _stop_on_signal(core: Core, stop_timeout: float, monitor: Monitor) -> 
                     log.warning("never uploaded: %s (kept back: a temporary name never renamed, or "
                                 "created and never written)", f.path)
                 else:
-                    log.error("not uploaded at stop (%s: still open or failed): %s", f.state.value, f.path)
+                    log.error("not uploaded at stop (still open or failed): %s (%s)", f.path, f.state.value)
             pyfuse3.terminate()
             return

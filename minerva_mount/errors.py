@@ -6,6 +6,7 @@ built from paths, status codes and error codes only.
 """
 
 import errno
+import logging
 
 
 class MinervaError(Exception):
@@ -57,6 +58,12 @@ class NameTooLong(MinervaError):
 
 class Busy(MinervaError):
     errno = errno.EBUSY
+
+
+def busy(message: str) -> Busy:
+    """An EBUSY refusal, logged with its path and reason: no refusal is silent (tenet 2)."""
+    logging.getLogger("minerva.core").warning("refused: %s", message)
+    return Busy(message)
 
 
 class NotSupported(MinervaError):

@@ -29,6 +29,7 @@ log = logging.getLogger("minerva.listings")
 
 DIR = None  # a listing entry that is a folder
 GONE = object()  # for `update`: the name was removed
+MISSING = False  # no such name in the folder (a lookup answer; DIR, None, is a folder)
 Entries = dict[str, ObjectInfo | None]
 
 

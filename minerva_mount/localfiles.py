@@ -178,8 +178,10 @@ class LocalFiles:
         self.changed(f)
 
     def changed(self, f: LocalFile) -> None:
-        """Content written or truncated: it differs from S3 now."""
+        """Content written or truncated: it differs from S3 now, and its mtime is now (as on
+        a local disk; kept until sent, so `stat` shows one mtime per content)."""
         f.dirty, f.created_empty = True, False
+        f.mtime = time.time()
         if f.state in (State.PUBLISHED, State.FAILED, State.KEPT_BACK):
             f.state, f.error = State.STAGED, None
         self._update_idle()
@@ -248,7 +250,7 @@ class LocalFiles:
             if f.upload is not None:
                 etag = await f.upload.finish()
             else:
-                if f.staged.mtime is None:
+                if f.staged.mtime is None:  # new and never written
                     f.staged.mtime = time.time()
                 etag = await f.staged.upload(f.path, self._nursery)
         except MinervaError as exc:

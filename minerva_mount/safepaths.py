@@ -22,7 +22,8 @@ The rule (ssh-like):
   regular files of ours writable by nobody else.
 A refusal is an `UnsafePath` (a PermissionError, errno EACCES) whose message names the path
 and the reason. Another user can still make the daemon refuse to start (by planting a name
-first); that is the price of never using what they planted. Linux only (/proc/self/fd).
+first); that is the price of never using what they planted. Messages name paths through
+/proc/self/fd (Linux).
 """
 
 import contextlib

@@ -29,7 +29,10 @@ class Upload:
         self._buf = bytearray()
         self._sender: MultipartSender | None = None
         self.size = 0
-        self.mtime: float | None = None
+        # The time of the last write, as a local disk keeps it, unless utimens sets one: shown
+        # while the file is written and stored with the object, so `stat` gives one mtime per
+        # content (vim refuses to save a file whose mtime changed since it read it).
+        self.mtime: float = time.time()
         self.started = time.monotonic()
         self.closing = False  # finish() under way: `size` is now the final total
 
@@ -62,6 +65,7 @@ class Upload:
                 "writes are supported for new files")
         self._buf += data
         self.size += len(data)
+        self.mtime = time.time()
         while len(self._buf) >= part_size(self._next_number()):
             await self._send_part()
         return len(data)
@@ -91,8 +95,6 @@ class Upload:
 
     async def finish(self) -> str:
         """Send what is left and make the object appear; returns its ETag."""
-        if self.mtime is None:
-            self.mtime = time.time()
         self.closing = True
         if self._sender is None:
             etag = await self.store.put(self.path, bytes(self._buf), self.metadata)

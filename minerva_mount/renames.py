@@ -1,0 +1,156 @@
+"""unlink and rename: how a name leaves or changes, for objects, held files and folders.
+
+Part of Core (a mixin). Every change of a held file is ordered after a publish under way
+(`LocalFiles.settle`), so a rename or unlink during a publish is applied to its result and
+never lost. S3 has no rename: a file is copied, then the original deleted, so the new name
+is visible before the old one goes; a held file takes its new name locally and is sent once,
+under the final name. A file renamed TO a temporary name leaves S3 and is held here.
+"""
+
+import errno
+import logging
+
+from .errors import (
+    Exists,
+    IsADirectory,
+    MinervaError,
+    NotADirectory,
+    NotEmpty,
+    NotPermitted,
+    busy,
+)
+from .foldermove import check_keys, move_tree
+from .listings import DIR, GONE, MISSING
+from .localfiles import UNSENT, LocalFile, State
+from .namespace import (
+    Area,
+    area_of,
+    check_name,
+    is_temporary,
+    require_changeable,
+)
+from .store import ObjectInfo
+
+log = logging.getLogger("minerva.core")
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+class Renames:
+    """Core's unlink and rename (Core inherits this; see the module docstring)."""
+
+    async def unlink(self, parent_inode: int, name: bytes) -> None:
+        path, entry = await self._child(parent_inode, name)
+        require_changeable(path, "unlink")
+        if entry is DIR:
+            raise IsADirectory(path)
+        f = self.files.get(path)
+        if f is not None:
+            await self.files.settle(f)  # a publish under way completes first, then goes
+            if self.files.get(path) is f:
+                self.files.detach(f)
+        if self._key(path) != path or await self._in_s3(path):
+            await self.store.delete(self._key(path))
+        self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
+        self.inodes.removed(path)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int = 0) -> None:
+        src, entry = await self._child(old_parent, old_name)
+        dst = self._new_path(new_parent, new_name)
+        require_changeable(src, "rename")
+        require_changeable(dst, "rename")
+        if area_of(dst) is not Area.INCOMING and src.split("/")[0] != dst.split("/")[0]:
+            log.warning("refused rename %s -> %s: files may only move into Incoming/", src, dst)
+            raise NotPermitted(f"rename {src} -> {dst}")
+        if flags & RENAME_EXCHANGE:
+            raise MinervaError("rename exchange is not supported", err=errno.EINVAL)
+        target = await self._entry(self._dir(new_parent).path, check_name(new_name))
+        if target is not MISSING and flags & RENAME_NOREPLACE:
+            raise Exists(dst)
+        if entry is DIR:
+            await self._rename_dir(src, dst, target)
+        else:
+            await self._rename_file(src, dst, target)
+        self.listings.forget(self._dir(old_parent).path)
+        self.listings.forget(self._dir(new_parent).path)
+        self.inodes.moved(src, dst)
+
+    async def _rename_file(self, src: str, dst: str, target) -> None:
+        if target is DIR:
+            raise IsADirectory(dst)
+        for held in (self.files.get(dst), self.files.get(src)):
+            if held is not None:
+                await self.files.settle(held)
+        f = self.files.get(src)
+        if f is not None and f.state in UNSENT:
+            await self._rename_held(f, src, dst)
+            return
+        if area_of(dst) is Area.INCOMING and is_temporary(dst) and self._key(src) == src:
+            # Renamed TO a temporary name: it leaves S3 and is held here until renamed back.
+            node = self.inodes.find(src) or self.inodes.upsert(src, False)
+            f = self._changeable(src) or await self._hold(node, keep=True)
+            await f.staged.fill_all()
+            await self.store.delete(src)
+            self.files.renamed(f, dst)
+            self.files.changed(f)
+            await self.files.publish(f)  # keeps it back
+            return
+        size = f.size if f is not None else getattr(self.inodes.find(src), "size", None)
+        etag = await self.store.copy(self._key(src), dst, size)  # the new name shows before the old goes
+        await self.store.delete(self._key(src))
+        known = self.mtimes.pop(src, None)
+        if known is not None and etag:
+            self.mtimes[dst] = (etag, known[1])
+        old = self.files.get(dst)
+        if old is not None:
+            self.files.detach(old)
+        if f is not None:  # published, still open: it goes on under the new name
+            self.files.renamed(f, dst)
+            if f.staged is not None:
+                f.staged.rebase(ObjectInfo(dst, f.size, f.mtime or 0.0, etag))
+
+    async def _rename_held(self, f: LocalFile, src: str, dst: str) -> None:
+        """A file with content not yet sent takes its new name locally; S3 loses the old name."""
+        if f.upload is not None and not f.upload.renameable:
+            raise busy(f"{src} is being uploaded (parts sent); rename it after it is closed")
+        base = f.in_s3
+        if base is not None and base.path == src:
+            if is_temporary(dst):
+                await f.staged.fill_all()  # the object goes; its bytes stay here
+            else:
+                etag = await self.store.copy(src, dst, base.size)
+                f.staged.rebase(ObjectInfo(dst, base.size, base.mtime, etag))
+        if await self._in_s3(src):
+            await self.store.delete(src)
+        self.files.renamed(f, dst)
+        if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
+            f.created_empty = False  # renamed to a final name: the user wants it there
+            f.state = State.STAGED
+            try:
+                await self.files.publish(f)
+            except MinervaError:
+                if self.files.get(dst) is f:  # keep it, under its old name, for a retry
+                    self.files.renamed(f, src)
+                    f.state = State.KEPT_BACK
+                raise
+
+    async def _rename_dir(self, src: str, dst: str, target) -> None:
+        if target is not MISSING and target is not DIR:
+            raise NotADirectory(dst)
+        if target is DIR and await self.store.has_children(dst + "/"):
+            raise NotEmpty(dst)
+        for f in self.files.under(src):
+            await self.files.settle(f)
+        unsent = [f for f in self.files.under(src) if f.state in UNSENT]
+        if unsent:
+            raise busy(f"{src} holds {unsent[0].path}, not uploaded yet ({unsent[0].state.value}); "
+                       "rename the folder once it is")
+        objects = await self.store.list_tree(src + "/")
+        check_keys(src, dst, objects)
+        await move_tree(self.store, src, dst, objects)
+        for f in self.files.under(src):  # published, still open: they go on under the new names
+            self.files.renamed(f, dst + f.path[len(src):])
+        for path in [p for p in self.listings if p == src or p.startswith(src + "/")]:
+            self.listings.forget(path)
+
