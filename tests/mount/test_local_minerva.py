@@ -28,7 +28,7 @@ from botocore.config import Config
 
 from minerva_mount.local.seaweed import PORTS_RECORD, forget_previous_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LIFETIME = 20
 START_DEADLINE = 90.0
 STOP_DEADLINE = 30.0

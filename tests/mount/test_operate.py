@@ -29,7 +29,7 @@ from minerva_mount.commands.status import human_bytes
 from minerva_mount.multipart import part_size
 
 MiB = 1 << 20
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "minerva-mount"
 
 
