@@ -26,7 +26,7 @@ from .localfiles import State
 from .memtune import keep_freed_memory
 from .monitor import Monitor
 from .paths import UnsafeRuntimeDir, control_socket
-from .safepaths import open_private_dir
+from .safepaths import UnsafePath, open_private_dir
 from .staging import StagingArea
 from .store import S3Store
 
@@ -88,12 +88,12 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
         cache = BlockCache(cache_root, settings.cache_size)
         try:
             await cache.open()
-        except OSError as exc:
-            raise MountError(f"block cache {cache.root}: {exc.strerror}") from None
+        except OSError as exc:  # a symlink, another user's folder (safepaths.py), or no room
+            raise MountError(f"block cache: {_why(exc, cache.root)}") from None
         try:
             staging = StagingArea(open_private_dir(cache_root / "staging"))
-        except OSError as exc:  # a symlink, another user's folder (safepaths.py), or no room
-            raise MountError(f"staging folder {cache_root / 'staging'}: {exc}") from None
+        except OSError as exc:
+            raise MountError(f"staging folder: {_why(exc, cache_root / 'staging')}") from None
         core = Core(store, nursery, listing_ttl=settings.metadata_ttl, cache=cache,
                     staging=staging, mountpoint=settings.mountpoint)
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
@@ -122,6 +122,11 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             monitor.close()
             log.info("unmounted %s", settings.mountpoint)
         nursery.cancel_scope.cancel()
+
+
+def _why(exc: OSError, path) -> str:
+    """An unsafe path's message names the path and the reason already; others get the path."""
+    return str(exc) if isinstance(exc, UnsafePath) else f"{path}: {exc.strerror}"
 
 
 async def raise_kernel_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:

@@ -116,9 +116,10 @@ class FileOps:
             await f.staged.truncate(0)
             self.files.changed(f)
         if created and f.opens == 0 and f.in_s3 is None:
-            # Created without being opened for writing (fallocate, `exec 3<>f`) and never
-            # written: not sent at close (see LocalFiles.publish).
-            f.created_empty = flags & os.O_ACCMODE != os.O_WRONLY
+            # Created as a side effect (read-write or read-only, without O_TRUNC: fallocate,
+            # `exec 3<>f`, vim's probe) and never written: not sent at close (LocalFiles.publish).
+            # `touch` (write-only) and `open(f, "w+")` (O_TRUNC) mean an empty file: sent.
+            f.created_empty = flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC
         node.size = f.size
         return self._open_handle(StagedHandle(node, file=f, writing=True), pid)
 

@@ -59,10 +59,13 @@ def join(parent: str, name: str) -> str:
 def check_name(name: bytes) -> str:
     """A name the kernel sent, as text S3 can take, or EINVAL/ENAMETOOLONG."""
     if len(name) > MAX_NAME_BYTES:
+        log.warning("refused name %r...: %d bytes, over the 255 a file name may have",
+                    name[:40].decode("utf-8", "replace"), len(name))
         raise NameTooLong(f"name of {len(name)} bytes")
     try:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
+        log.warning("refused name %r: not valid UTF-8, which S3 keys must be", name)
         raise InvalidName("name is not valid UTF-8, which S3 keys must be") from None
     if not text or text in (".", "..") or "/" in text or "\0" in text:
         raise InvalidName(f"name {text!r} cannot be an S3 key component")

@@ -54,7 +54,8 @@ class Blocks:
                  "skipped_writes": self.skipped_writes}
         if self.cache is not None:
             stats.update(dir=str(self.cache.root), disk_bytes=self.cache.used,
-                         disk_max_bytes=self.cache.max_bytes, corrupt_dropped=self.cache.dropped_corrupt)
+                         disk_max_bytes=self.cache.max_bytes, corrupt_dropped=self.cache.dropped_corrupt,
+                         write_failures=self.cache.write_failures, write_error=self.cache.write_error)
         return stats
 
     @property

@@ -77,9 +77,11 @@ class StagingArea:
                 written = self.pwrite(fd, view, offset)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    log.error("write to %s refused: the staging disk is full (ENOSPC)", path)
                     raise NoSpace(f"{path}: the staging disk is full") from None
                 raise MinervaError(f"{path}: staging write failed: {exc.strerror}") from None
             if written <= 0:
+                log.error("write to %s refused: the staging disk is full (short write)", path)
                 raise NoSpace(f"{path}: the staging disk is full (short write)")
             view, offset = view[written:], offset + written
 
@@ -88,14 +90,17 @@ class StagingArea:
             self.ftruncate(fd, size)
         except OSError as exc:
             if exc.errno == errno.EFBIG:
+                log.warning("refused size %d for %s: more than the staging disk takes (EFBIG)", size, path)
                 raise TooBig(f"{path}: {size} bytes is more than the staging disk takes") from None
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("truncate of %s refused: the staging disk is full (ENOSPC)", path)
                 raise NoSpace(f"{path}: the staging disk is full") from None
             raise MinervaError(f"{path}: staging truncate failed: {exc.strerror}") from None
 
 
 def check_size(path: str, size: int) -> None:
     if size > MAX_SIZE:
+        log.warning("refused size %d for %s: more than S3's 5 TiB limit (EFBIG)", size, path)
         raise TooBig(f"{path}: {size} bytes is more than S3's 5 TiB limit")
 
 

@@ -1,5 +1,6 @@
 """Unit tests of the on-disk block cache and of the block reader over FakeStore."""
 
+import errno
 import os
 import stat
 
@@ -7,11 +8,13 @@ import pytest
 import trio
 import trio.testing
 
+from minerva_mount import blockcache
 from minerva_mount.blockcache import BlockCache, data_offset, parse_size, run_file_size
 from minerva_mount.core import Core
 from minerva_mount.errors import StoreError
 from minerva_mount.fakestore import FakeStore
 from minerva_mount.reader import GET_SIZE, MAX_PENDING_WRITES, Blocks, Reader
+from minerva_mount.safepaths import UnsafePath
 from minerva_mount.store import ObjectChanged
 
 BS = 64 * 1024  # small blocks keep the data small
@@ -382,3 +385,172 @@ def test_reads_go_on_when_the_cache_writes_fall_behind(tmp_path):
             await settle(blocks)
             nursery.cancel_scope.cancel()
     trio.run(main)
+
+
+# ----- a shared cache folder: planted symlinks and files are never used -------------------
+
+STRANGER = 65534  # nobody
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another uid needs root")
+
+
+def plant_run(tmp_path, path: str, real: bytes, evil: bytes) -> str:
+    """A valid run file holding `evil` under the block names of `real` (same path and ETag),
+    written by a cache in tmp_path/evil: the path of that file."""
+    names = [BlockCache.name(path, FakeStore().add(path, real).etag, i) for i in range(len(real) // BS)]
+
+    async def main():
+        cache = BlockCache(tmp_path / "evil", 1 << 30, block_size=BS)
+        await cache.open()
+        await cache.put_many([(name, evil[i * BS:(i + 1) * BS]) for i, name in enumerate(names)])
+        cache.close()
+    trio.run(main)
+    [planted] = block_files(tmp_path / "evil")
+    return planted
+
+
+@pytest.mark.parametrize("how", ["file-symlink", "file-writable-by-others", "folder-symlink",
+                                 pytest.param("file-of-stranger", marks=as_root),
+                                 pytest.param("folder-of-stranger", marks=as_root)])
+def test_a_planted_run_file_is_never_served(tmp_path, how):
+    data, evil = data_of(4 * BS, seed=1), data_of(4 * BS, seed=7)
+    planted = plant_run(tmp_path, "Outgoing/p.bin", data, evil)
+    sub, name = os.path.basename(os.path.dirname(planted)), os.path.basename(planted)
+    root = tmp_path / "blocks-65536"
+    root.mkdir(mode=0o700)
+    target = root / sub / name
+    if how == "folder-symlink":
+        (root / sub).symlink_to(os.path.dirname(planted))
+    else:
+        (root / sub).mkdir(mode=0o700)
+        if how == "file-symlink":
+            target.symlink_to(planted)
+        else:
+            os.rename(planted, target)
+            if how == "file-writable-by-others":
+                target.chmod(0o666)
+            elif how == "file-of-stranger":
+                os.chown(target, STRANGER, STRANGER)
+            else:
+                os.chown(root / sub, STRANGER, STRANGER)
+
+    async def test(blocks, store, cache):
+        assert cache._index == {}
+        info = store.add("Outgoing/p.bin", data)
+        assert await read_all(blocks, info, chunk=BS) == data
+        assert store.ranges  # from S3, not from the planted file
+    run(test, tmp_path)
+    assert not os.path.lexists(target) or os.lstat(target).st_uid == os.geteuid()  # removed
+    if how == "file-symlink":
+        assert os.path.exists(planted)  # what it pointed to: untouched
+
+
+def test_a_run_file_that_became_writable_by_others_is_not_served(tmp_path):
+    """Checked at each read too, not only at start."""
+    data = data_of(3 * BS)
+
+    async def test(blocks, store, cache):
+        info = store.add("Outgoing/w.bin", data)
+        assert await read_all(blocks, info, chunk=BS) == data
+        await settle(blocks)
+        assert len(cache._index) == 3
+        for path in block_files(tmp_path):
+            os.chmod(path, 0o666)
+        for name in list(blocks._memory):
+            blocks._forget(name)
+        store.ranges.clear()
+        assert await read_all(blocks, info, chunk=BS) == data
+        assert sum(e - s for _, s, e in store.ranges) == len(data)  # all fetched again
+        assert cache.dropped_corrupt == 3
+    run(test, tmp_path)
+
+
+def test_a_symlinked_blocks_folder_is_refused_and_its_target_untouched(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    (tmp_path / "blocks-65536").symlink_to(victim)
+
+    async def main():
+        cache = BlockCache(tmp_path, 1 << 30, block_size=BS)
+        with pytest.raises(UnsafePath, match=f"{tmp_path / 'blocks-65536'} is a symlink"):
+            await cache.open()
+    trio.run(main)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and os.listdir(victim) == []
+
+
+@as_root
+def test_a_blocks_folder_of_another_user_is_refused(tmp_path):
+    (tmp_path / "blocks-65536").mkdir(mode=0o700)
+    os.chown(tmp_path / "blocks-65536", STRANGER, STRANGER)
+
+    async def main():
+        with pytest.raises(UnsafePath, match=f"is owned by uid {STRANGER}, not you"):
+            await BlockCache(tmp_path, 1 << 30, block_size=BS).open()
+    trio.run(main)
+
+
+# ----- a full disk only stops caching -------------------------------------------------------
+
+def fail_writes(monkeypatch, how: str) -> None:
+    """os.pwrite as on a full disk: ENOSPC, or a write that writes nothing."""
+    def pwrite(fd, data, offset):
+        if how == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return 0
+    monkeypatch.setattr(blockcache.os, "pwrite", pwrite)
+
+
+@pytest.mark.parametrize("how", ["enospc", "nothing-written"])
+def test_a_full_disk_only_stops_caching(tmp_path, monkeypatch, caplog, how):
+    first, second, third = (data_of(3 * BS, seed=s) for s in (1, 2, 3))
+
+    async def test(blocks, store, cache):
+        fail_writes(monkeypatch, how)
+        cache.write_pause = 0  # try every run: the warning still comes once
+        for index, data in enumerate((first, second)):
+            info = store.add(f"Outgoing/{index}.bin", data)
+            assert await read_all(blocks, info, chunk=BS) == data
+            await settle(blocks)
+        assert cache._index == {} and block_files(tmp_path) == []  # no .tmp file left behind
+        assert cache.write_failures >= 2 and cache.write_error  # a run per GET, each failed
+        warnings = [r for r in caplog.records if r.levelname == "WARNING" and "cannot write" in r.message]
+        assert len(warnings) == 1 and str(tmp_path / "blocks-65536") in warnings[0].message
+
+        cache.write_pause = 3600  # after this failure, runs are not even tried for an hour
+        await read_all(blocks, store.add("Outgoing/2.bin", third), chunk=BS)
+        await settle(blocks)
+        failures = cache.write_failures
+        assert cache._index == {} and cache._paused_until > 0
+        assert await read_all(blocks, store.add("Outgoing/3.bin", third[::-1]), chunk=BS) == third[::-1]
+        await settle(blocks)
+        assert cache.write_failures == failures and cache._index == {}  # paused: not tried
+
+        monkeypatch.undo()  # room again, and the pause is over
+        cache._paused_until = 0
+        info = store.add("Outgoing/0.bin", first)
+        for name in list(blocks._memory):
+            blocks._forget(name)
+        assert await read_all(blocks, info, chunk=BS) == first
+        await settle(blocks)
+        assert len(cache._index) == 3 and cache.write_error is None
+        assert any("writing to" in r.message for r in caplog.records)
+    caplog.set_level("INFO", logger="minerva.blockcache")
+    run(test, tmp_path)
+
+
+def test_short_writes_go_on_where_they_stopped(tmp_path, monkeypatch):
+    real = os.pwrite
+    monkeypatch.setattr(blockcache.os, "pwrite", lambda fd, data, offset: real(fd, data[:1000], offset))
+    data = data_of(3 * BS + 17)
+
+    async def fill(blocks, store, cache):
+        assert await read_all(blocks, store.add("Outgoing/s.bin", data), chunk=BS) == data
+        await settle(blocks)
+        assert len(cache._index) == 4 and cache.write_failures == 0
+    run(fill, tmp_path)
+    monkeypatch.undo()
+
+    async def again(blocks, store, cache):
+        assert await read_all(blocks, store.add("Outgoing/s.bin", data), chunk=BS) == data
+        assert store.ranges == []  # all from disk, intact
+    run(again, tmp_path)
