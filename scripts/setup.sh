@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr libglib2.0-bin "$@")
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr libglib2.0-bin vim-tiny "$@")
 # systemd-analyze checks the user unit in the tests; containers often lack it.
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 missing=()
