@@ -5,7 +5,10 @@ when a test fails.
 """
 
 import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from helpers import MOUNT_LOGS, LocalMinerva, Mount, running_local_minerva, start_mount, wait_for
@@ -79,3 +82,20 @@ def pytest_runtest_makereport(item, call):
             if mount.log_file.exists():
                 tail = mount.log().splitlines()[-40:]
                 report.sections.append((f"log of the mount {mount.path.name} (last lines)", "\n".join(tail)))
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch):
+    """A private XDG_RUNTIME_DIR for the control socket `status` talks to (Unix socket paths
+    are limited to 108 bytes, so it is short)."""
+    path = tempfile.mkdtemp(prefix="mm-run-")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def wiped(local_minerva):
+    """The local Minerva with every object deleted (for tests that start their own mounts)."""
+    local_minerva.wipe()
+    return local_minerva

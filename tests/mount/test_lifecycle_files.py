@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,21 +74,6 @@ def eventually_equal(get, expected, what: str, timeout: float = 10.0):
 def logged_errors_about(mount, name: str) -> list[str]:
     return [line for line in mount.log().splitlines()
             if name in line and (" ERROR " in line or " WARNING " in line)]
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch):
-    """A private XDG_RUNTIME_DIR for the control socket `status` talks to (paths are short)."""
-    path = tempfile.mkdtemp(prefix="mm-run-")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def wiped(local_minerva):
-    local_minerva.wipe()
-    return local_minerva
 
 
 # ----- case 1: the staging disk fills while a file is changed in place ----------------------------

@@ -13,11 +13,9 @@ close the mount sees (FUSE flush).
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -114,21 +112,6 @@ class Holder:
 
 def getfattr(path: Path, name: str = STATE) -> subprocess.CompletedProcess:
     return run("getfattr", "-n", name, "--only-values", "--absolute-names", path)
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch):
-    """A private XDG_RUNTIME_DIR for the control socket (short: socket paths are limited)."""
-    path = tempfile.mkdtemp(prefix="mm-run-")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def wiped(local_minerva):
-    local_minerva.wipe()
-    return local_minerva
 
 
 # ----- case 7: a folder renamed to a name that makes a key under it too long --------------------

@@ -45,15 +45,6 @@ def status_json(mountpoint: Path, env: dict | None = None) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.fixture
-def runtime_dir(monkeypatch):
-    """A private XDG_RUNTIME_DIR (short path: Unix socket paths are limited to 108 bytes)."""
-    path = tempfile.mkdtemp(prefix="mm-run-")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 class NotifyListener:
     """What systemd would receive on $NOTIFY_SOCKET, one datagram per message."""
 
