@@ -1,4 +1,4 @@
-"""Command line: `minerva-mount [MOUNTPOINT]`, `status`, `unmount`, `install-service`, `local-server`.
+"""Command line: `minerva-mount [MOUNTPOINT]`, `status`, `sync`, `unmount`, `install-service`, `local-server`.
 
 Without --foreground the command starts the daemon as a child process and returns once the
 mount is live (or prints why it is not). The API key reaches the child on its stdin, never
@@ -22,6 +22,7 @@ EX_CONFIG = 78  # sysexits.h: the unit does not restart on it (RestartPreventExi
 SUBCOMMANDS = {
     "status": "minerva_mount.commands.status:status_main",
     "unmount": "minerva_mount.commands.status:unmount_main",
+    "sync": "minerva_mount.commands.status:sync_main",
     "install-service": "minerva_mount.commands.service:install_main",
 }
 
@@ -43,10 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minerva-mount",
-        usage="%(prog)s [options] [MOUNTPOINT]\n       %(prog)s status|unmount|install-service [MOUNTPOINT]",
+        usage="%(prog)s [options] [MOUNTPOINT]\n"
+              "       %(prog)s status|sync|unmount|install-service [MOUNTPOINT]",
         description="Mount your Minerva storage area (Incoming/, Outgoing/) as a local folder.",
         epilog="Commands: 'status [MOUNTPOINT] [--json]' shows uploads, failures and credentials; "
-               "'unmount MOUNTPOINT' waits for uploads, then unmounts; 'install-service [MOUNTPOINT]' "
+               "'sync [MOUNTPOINT]' waits until every file closed so far is in S3 (with --write-back, "
+               "until the spool is empty; exit 1 if one failed); 'unmount MOUNTPOINT' waits for "
+               "uploads, then unmounts; 'install-service [MOUNTPOINT]' "
                "sets up the systemd user service; 'local-server --state-dir DIR' runs a local Minerva "
                "to try it. Settings: flags > environment > config file (--print-config shows them).")
     # [SOURCE] MOUNTPOINT: mount.fuse3 (fstab type fuse.minerva-mount) passes a source first.
@@ -119,11 +123,13 @@ def mount_main(argv: list[str]) -> int:
         return EX_CONFIG
     from .blockcache import parse_size
 
-    try:
-        cache_size = parse_size(config.cache_size)
-    except ValueError as exc:
-        print(f"minerva-mount: cache_size: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    sizes = {}
+    for name in ("cache_size", "spool_size"):
+        try:
+            sizes[name] = parse_size(config.values[name])
+        except ValueError as exc:
+            print(f"minerva-mount: {name}: {exc}", file=sys.stderr)
+            return EX_CONFIG
     args.mountpoint = str(config.mountpoint)
     args.log_file = config.log_file
     if not args.foreground:
@@ -136,7 +142,7 @@ def mount_main(argv: list[str]) -> int:
     setup_logging(args.log_file, config.debug)
     # Every Settings field that is a setting comes from the config, so a new one needs no line here.
     same = {f.name: config.values[f.name] for f in dataclasses.fields(Settings) if f.name in config.values}
-    settings = Settings(**same | {"mountpoint": args.mountpoint, "cache_size": cache_size})
+    settings = Settings(**same | {"mountpoint": args.mountpoint} | sizes)
 
     def ready() -> None:
         if args.ready_fd is not None:

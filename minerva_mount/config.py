@@ -105,6 +105,10 @@ SETTINGS = (
     Setting("cache_dir", Path, None, "block cache and staging folder",
             "$XDG_CACHE_HOME/minerva-mount, i.e. ~/.cache/minerva-mount", metavar="DIR"),
     Setting("cache_size", str, "10G", "block cache cap, e.g. 512M or 10G", metavar="SIZE"),
+    Setting("write_back", bool, False, "close() returns once a file is durable on local disk; "
+            "uploads go on in the background (see: minerva-mount sync)"),
+    Setting("spool_size", str, "4G", "write-back spool cap: a close that would pass it waits "
+            "for uploads, e.g. 512M or 4G", metavar="SIZE"),
     Setting("metadata_ttl", float, 30.0,
             "seconds folder listings and attributes are trusted without asking S3"),
     Setting("refresh_interval", float, 10.0,

@@ -28,7 +28,9 @@ from .handles import Handle
 from .listings import DIR, GONE, MISSING, ListingCache
 from .localfiles import UNSENT, LocalFiles
 from .namespace import (
+    INCOMING,
     MAX_KEY_BYTES,
+    OUTGOING,
     InodeTable,
     Node,
     check_name,
@@ -39,7 +41,7 @@ from .namespace import (
 from .reader import Blocks
 from .renames import Renames
 from .shown import convert_listing
-from .staging import StagingArea, check_size
+from .staging import Staged, StagingArea, check_size
 from .store import ObjectInfo
 from .writer import NotSequential
 
@@ -50,7 +52,8 @@ SNAPSHOT_ENTRIES = 200_000  # folder entries kept for reuse by the next opendir
 
 class Core(FileOps, Renames):
     def __init__(self, store, nursery: trio.Nursery, *, listing_ttl: float = 1.0, cache=None,
-                 staging: StagingArea | None = None, mountpoint: str | None = None, still_open=None):
+                 staging: StagingArea | None = None, mountpoint: str | None = None, still_open=None,
+                 writeback=None):
         self.store = store
         self.nursery = nursery
         self.blocks = Blocks(store, nursery, cache)
@@ -59,7 +62,7 @@ class Core(FileOps, Renames):
         self.on_changed = None  # callback(inode): drop the kernel's pages of a changed object
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
-        self.files = LocalFiles(nursery, self._published)
+        self.files = LocalFiles(nursery, self._published, writeback)
         self.aliases: dict[str, str] = {}  # shown path -> object path, for shadowed files
         self.mountpoint = mountpoint  # known to a real mount: lets flush ask /proc (openers.py)
         # still_open(fh) -> bool: after a close() of a descriptor of `fh`, does another
@@ -94,6 +97,8 @@ class Core(FileOps, Renames):
         held = self.files.get(join(dir_path, name))
         if held is not None:
             return held.entry()
+        if dir_path == "" and name in (INCOMING, OUTGOING):
+            return DIR  # always there: resolvable while S3 or the credentials are not
         return (await self._listing(dir_path)).get(name, MISSING)
 
     async def _in_s3(self, path: str) -> bool:
@@ -295,6 +300,11 @@ class Core(FileOps, Renames):
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.listings.forget(path)
         self.inodes.removed(path)
+
+    def restore_spooled(self, journal, fd: int) -> None:
+        """Write-back: a file an earlier run left in the spool is held (and shown) again."""
+        staged = Staged.restored(self.store, self.staging, journal.key, fd, journal.size, journal.mtime)
+        self.files.restored(journal.key, staged, journal)
 
     # ----- whole file system --------------------------------------------------------
 

@@ -29,6 +29,7 @@ from .paths import UnsafeRuntimeDir, control_socket
 from .safepaths import UnsafePath, open_private_dir
 from .staging import StagingArea
 from .store import S3Store
+from .writeback import Spool, WriteBack
 
 log = logging.getLogger("minerva.daemon")
 
@@ -50,6 +51,8 @@ class Settings:
     debug_fuse: bool = False
     cache_dir: str | None = DEFAULTS["cache_dir"]  # None: XDG cache dir / minerva-mount
     cache_size: int = parse_size(DEFAULTS["cache_size"])
+    write_back: bool = DEFAULTS["write_back"]
+    spool_size: int = parse_size(DEFAULTS["spool_size"])
     metadata_ttl: float = DEFAULTS["metadata_ttl"]  # how long listings and attributes are trusted
     refresh_interval: float = DEFAULTS["refresh_interval"]  # how often folders in use are re-listed
 
@@ -81,9 +84,10 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
     except (UnsafeRuntimeDir, OSError) as exc:
         raise MountError(f"no control socket: {exc}") from None
     provider = CredentialProvider(settings.api_url, api_key, wait_timeout=settings.credential_wait)
+    store = S3Store(provider, settings.s3_endpoint_url, retry_timeout=settings.s3_retry_timeout)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.warm_up)  # the S3 client built while the credentials come
         await nursery.start(provider.start)
-        store = S3Store(provider, settings.s3_endpoint_url, retry_timeout=settings.s3_retry_timeout)
         cache_root = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
         cache = BlockCache(cache_root, settings.cache_size)
         try:
@@ -94,8 +98,17 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             staging = StagingArea(open_private_dir(cache_root / "staging"))
         except OSError as exc:
             raise MountError(f"staging folder: {_why(exc, cache_root / 'staging')}") from None
+        writeback = None
+        if settings.write_back:
+            try:
+                spool = Spool(open_private_dir(cache_root / "spool"), settings.spool_size)
+            except OSError as exc:
+                raise MountError(f"write-back spool: {_why(exc, cache_root / 'spool')}") from None
+            writeback = WriteBack(spool)
         core = Core(store, nursery, listing_ttl=settings.metadata_ttl, cache=cache,
-                    staging=staging, mountpoint=settings.mountpoint)
+                    staging=staging, mountpoint=settings.mountpoint, writeback=writeback)
+        if writeback is not None:  # what an earlier run left is held and uploading before the mount shows
+            await nursery.start(writeback.run, core.files, core.restore_spooled)
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:
@@ -151,13 +164,16 @@ async def _stop_on_signal(core: Core, stop_timeout: float, monitor: Monitor) -> 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s received: finishing %d uploads in progress, then unmounting",
-                     signal.Signals(signum).name, len(core.files.unfinished()))
+                     signal.Signals(signum).name, len(core.files.in_progress()))
             monitor.stopping()
             await core.drain(stop_timeout)
             for f in core.files.unfinished():
                 if f.state is State.KEPT_BACK:
                     log.warning("never uploaded: %s (kept back: a temporary name never renamed, or "
                                 "created and never written)", f.path)
+                elif f.spooled is not None:
+                    log.warning("still in the write-back spool, uploaded at the next start: %s (%s)",
+                                f.path, f.state.value)
                 else:
                     log.error("not uploaded at stop (still open or failed): %s (%s)", f.path, f.state.value)
             pyfuse3.terminate()

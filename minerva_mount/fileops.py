@@ -104,7 +104,7 @@ class FileOps:
             raise busy(f"{node.path} is already open for writing")
         truncate = bool(flags & os.O_TRUNC) or created
         if (f is None and flags & os.O_ACCMODE == os.O_WRONLY and truncate
-                and not is_temporary(node.path)):
+                and not is_temporary(node.path) and self.files.writeback is None):
             upload = Upload(self.store, node.path, self.nursery)
             node.size = 0
             f = self.files.streaming(node.path, upload)
@@ -223,7 +223,7 @@ class FileOps:
                     await self.files.publish(f)
                 except MinervaError as exc:
                     log.error("%s could not be published at its last release: %s", f.path, exc)
-            if f.state is State.FAILED and f.opens == 0:
+            if f.state is State.FAILED and f.opens == 0 and f.spooled is None:
                 self.files.dropped_failed(f)
         finally:
             self.inodes.closed(handle.node)

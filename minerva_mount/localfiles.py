@@ -46,13 +46,14 @@ class State(enum.Enum):
     STREAMING = "uploading"  # open; written front to back, parts go up as they fill
     STAGED = "staged"  # content in a staging file, to be sent at the last writer's close
     KEPT_BACK = "kept-back"  # closed, held until renamed to a final name (or deleted)
-    PUBLISHING = "publishing"  # being sent as one object
+    PUBLISHING = "publishing"  # being sent as one object (or, with write-back, being spooled)
+    SPOOLED = "spooled"  # write-back: closed, durable in the local spool, uploaded in the background
     PUBLISHED = "uploaded"  # in S3; still held while a handle is open on it
     FAILED = "failed"  # the send failed; the close reported it; held while a handle is open
     DETACHED = "deleted"  # unlinked or replaced while open: never sent
 
 
-UNSENT = (State.STREAMING, State.STAGED, State.KEPT_BACK, State.PUBLISHING)
+UNSENT = (State.STREAMING, State.STAGED, State.KEPT_BACK, State.PUBLISHING, State.SPOOLED)
 
 
 @dataclass(eq=False)
@@ -66,6 +67,7 @@ class LocalFile:
     writers: int = 0  # writer handles whose last close has not come yet
     opens: int = 0  # handles of any kind
     error: MinervaError | None = None
+    spooled: object | None = None  # write-back: its journal (writeback.Journal) while in the spool
     settled: trio.Event = field(default_factory=trio.Event)  # set while not PUBLISHING
     started: float = field(default_factory=time.monotonic)
 
@@ -107,8 +109,10 @@ class LocalFile:
 class LocalFiles:
     """Every held file, by path; `on_published(file, etag)` lets the core update its caches."""
 
-    def __init__(self, nursery: trio.Nursery, on_published: Callable[[LocalFile, str], None]):
+    def __init__(self, nursery: trio.Nursery, on_published: Callable[[LocalFile, str], None],
+                 writeback=None):
         self._nursery = nursery
+        self.writeback = writeback  # writeback.WriteBack, or None: close() sends (the default)
         self._on_published = on_published
         self._by_path: dict[str, LocalFile] = {}
         self.completed = 0  # files published since the mount started
@@ -140,6 +144,19 @@ class LocalFiles:
         """Files whose content is not (all) in S3: what a stop must wait for or name."""
         return [f for f in self._by_path.values() if f.state in UNSENT or f.state is State.FAILED]
 
+    def in_progress(self) -> list[LocalFile]:
+        """Files on their way to S3 (what `unmount` and `sync` wait for): not kept-back or
+        failed ones, which wait for the user."""
+        return [f for f in self._by_path.values() if self._on_the_way(f)]
+
+    @staticmethod
+    def _on_the_way(f: LocalFile) -> bool:
+        return (f.state in (State.STREAMING, State.PUBLISHING, State.SPOOLED)
+                or (f.state is State.STAGED and f.dirty))
+
+    def spooled(self) -> list[LocalFile]:
+        return [f for f in self._by_path.values() if f.state is State.SPOOLED]
+
     # ----- transitions -------------------------------------------------------------------
 
     def _add(self, f: LocalFile) -> LocalFile:
@@ -168,7 +185,8 @@ class LocalFiles:
         f.opens += 1
         if writer:
             f.writers += 1
-            if f.state in (State.KEPT_BACK, State.PUBLISHED, State.FAILED):
+            if f.state in (State.KEPT_BACK, State.PUBLISHED, State.FAILED, State.SPOOLED):
+                self._unspool(f)  # to be changed: a crash must not send it half changed
                 f.state, f.error = State.STAGED, None
         self._update_idle()
 
@@ -182,7 +200,8 @@ class LocalFiles:
         a local disk; kept until sent, so `stat` shows one mtime per content)."""
         f.dirty, f.created_empty = True, False
         f.mtime = time.time()
-        if f.state in (State.PUBLISHED, State.FAILED, State.KEPT_BACK):
+        if f.state in (State.PUBLISHED, State.FAILED, State.KEPT_BACK, State.SPOOLED):
+            self._unspool(f)
             f.state, f.error = State.STAGED, None
         self._update_idle()
 
@@ -199,7 +218,7 @@ class LocalFiles:
             return False
         if f.state is State.STAGED and f.writers == 0:
             return True
-        if f.state in (State.PUBLISHED, State.FAILED, State.DETACHED):
+        if f.state in (State.PUBLISHED, State.DETACHED) or (f.state is State.FAILED and f.spooled is None):
             self._drop(f)
         return False
 
@@ -208,6 +227,7 @@ class LocalFiles:
         if self._by_path.get(f.path) is f:
             del self._by_path[f.path]
         f.state = State.DETACHED
+        self._unspool(f)
         if f.opens == 0:
             self._free(f)
         self._update_idle()
@@ -224,6 +244,8 @@ class LocalFiles:
         if f.staged is not None:
             f.staged.path = dst
         self._by_path[dst] = f
+        if f.spooled is not None:
+            self.writeback.renamed(f)
 
     async def settle(self, f: LocalFile) -> None:
         """Wait while the file is being published (renames and unlinks are ordered after it)."""
@@ -246,6 +268,9 @@ class LocalFiles:
             self._after_send(f)
             return
         f.state, f.settled = State.PUBLISHING, trio.Event()
+        if self.writeback is not None and f.upload is None:
+            await self._spool(f)
+            return
         try:
             if f.upload is not None:
                 etag = await f.upload.finish()
@@ -269,6 +294,59 @@ class LocalFiles:
             self._on_published(f, etag)
         self._after_send(f)
 
+    async def _spool(self, f: LocalFile) -> None:
+        """Write-back: the close returns once the file is durable in the spool."""
+        try:
+            await self.writeback.make_durable(f)
+        except (MinervaError, OSError) as exc:
+            log.error("%s could not be written to the spool: %s", f.path, exc)
+            f.state, f.error = State.FAILED, exc
+            raise exc if isinstance(exc, MinervaError) else MinervaError(f"{f.path}: spool: {exc}") from None
+        finally:
+            f.settled.set()
+            self._update_idle()
+        f.state = State.SPOOLED
+        self._update_idle()
+        log.info("spooled %s (%d bytes): uploaded in the background", f.path, f.size)
+
+    async def send_spooled(self, f: LocalFile) -> None:
+        """Write-back's background upload of a spooled file (writeback.WriteBack._upload)."""
+        if f.state is not State.SPOOLED or self.get(f.path) is not f:
+            return
+        f.state, f.settled = State.PUBLISHING, trio.Event()
+        try:
+            etag = await f.staged.upload(f.path, self._nursery, journal=f.spooled)
+        except MinervaError:
+            if f.state is State.PUBLISHING:
+                f.state = State.SPOOLED
+            raise
+        finally:
+            f.settled.set()
+            self._update_idle()
+        f.state, f.dirty = State.PUBLISHED, False
+        self.completed += 1
+        self._on_published(f, etag)
+        self._unspool(f)
+        self._after_send(f)
+
+    def spool_failed(self, f: LocalFile, exc: MinervaError) -> None:
+        """An upload that cannot succeed: kept in the spool (retried at the next start)."""
+        f.state, f.error = State.FAILED, exc
+        if f.spooled is not None:
+            f.spooled.failed = str(exc)
+            f.spooled.save()
+        self._update_idle()
+
+    def restored(self, path: str, staged: Staged, journal) -> LocalFile:
+        """A spooled file an earlier run left: held again, to be uploaded first (one that
+        failed for good then is tried again: the cause, such as a revoked key, may be gone)."""
+        journal.failed = None
+        return self._add(LocalFile(path, State.SPOOLED, staged=staged, dirty=True, spooled=journal))
+
+    def _unspool(self, f: LocalFile) -> None:
+        if f.spooled is not None:
+            self.writeback.forget(f)
+
     def _keep_back(self, f: LocalFile) -> None:
         if f.upload is not None:
             raise AssertionError(f"{f.path}: streamed files are never kept back")
@@ -289,6 +367,7 @@ class LocalFiles:
     def _drop(self, f: LocalFile) -> None:
         if self._by_path.get(f.path) is f:
             del self._by_path[f.path]
+        self._unspool(f)
         self._free(f)
         self._update_idle()
 
@@ -298,8 +377,7 @@ class LocalFiles:
             f.staged.close()
 
     def _update_idle(self) -> None:
-        busy = any(f.state in (State.STREAMING, State.PUBLISHING) or (f.state is State.STAGED and f.dirty)
-                   for f in self._by_path.values())
+        busy = any(self._on_the_way(f) for f in self._by_path.values())
         if busy and self.idle.is_set():
             self.idle = trio.Event()
         elif not busy:

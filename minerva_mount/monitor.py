@@ -38,7 +38,7 @@ class Monitor:
         notify.ready(f"mounted at {self.mountpoint}; " + one_line(self.snapshot()))
 
     def stopping(self) -> None:
-        notify.stopping(f"stopping: {len(self.core.files.unfinished())} uploads to finish")
+        notify.stopping(f"stopping: {len(self.core.files.in_progress())} uploads to finish")
 
     async def _status_loop(self) -> None:
         last = None

@@ -32,13 +32,17 @@ def part_size(number: int) -> int:
 class MultipartSender:
     """One multipart upload of `path`: `send` parts in order, then `complete`."""
 
-    def __init__(self, store, path: str, nursery: trio.Nursery, max_inflight: int = MAX_INFLIGHT):
+    def __init__(self, store, path: str, nursery: trio.Nursery, max_inflight: int = MAX_INFLIGHT,
+                 journal=None):
+        """`journal` (write-back, see writeback.Journal): an upload id and parts already sent
+        by an earlier run, resumed rather than sent again; told of each new one."""
         self.store = store
         self.path = path
         self._nursery = nursery
         self._slots = trio.Semaphore(max_inflight)
-        self.upload_id: str | None = None
-        self._parts: dict[int, str] = {}
+        self._journal = journal
+        self.upload_id: str | None = journal.upload_id if journal else None
+        self._parts: dict[int, str] = dict(journal.parts) if journal else {}
         self.next_part = 1
         self._inflight = 0
         self._idle = trio.Event()
@@ -50,16 +54,25 @@ class MultipartSender:
     def started(self) -> bool:
         return self.upload_id is not None
 
+    def has(self, number: int) -> bool:
+        """Whether part `number` was sent by an earlier run (a resumed upload)."""
+        return number in self._parts
+
     async def send(self, data, metadata: dict[str, str]) -> None:
         """Queue the next part (waits while `max_inflight` parts are on the wire)."""
         if self.error:
             raise self.error
         if self.upload_id is None:
             self.upload_id = await self.store.create_multipart(self.path, metadata)
+            if self._journal is not None:
+                self._journal.started(self.upload_id)
         if self.next_part > MAX_PARTS:
             raise StoreError(f"{self.path} is larger than S3's 10,000-part limit allows")
         number = self.next_part
         self.next_part += 1
+        if number in self._parts:  # sent by an earlier run (journaled): not again
+            self.uploaded += len(data)
+            return
         await self._slots.acquire()
         self._inflight += 1
         self._idle = trio.Event()
@@ -69,6 +82,8 @@ class MultipartSender:
         try:
             self._parts[number] = await self.store.upload_part(self.path, self.upload_id, number, data)
             self.uploaded += len(data)
+            if self._journal is not None:
+                self._journal.part_done(number, self._parts[number])
         except MinervaError as exc:
             self.error = self.error or exc
         except Exception as exc:  # a bug must surface as EIO at close, not kill the mount

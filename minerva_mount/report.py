@@ -61,7 +61,10 @@ def snapshot(*, mountpoint: str, started: float, core, provider, failures: Recen
         "pid": os.getpid(),
         "up_seconds": round(time.time() - started, 1),
         "area": f"s3://{creds.bucket}/{creds.prefix}" if creds else None,
-        "uploads": [upload_entry(f, now) for f in core.files.unfinished()],
+        "uploads": [upload_entry(f, now) for f in core.files.in_progress()],
+        "kept_back": sorted(f.path for f in core.files.unfinished() if f.state.value == "kept-back"),
+        "failed": [{"path": f.path, "error": str(f.error or "")} for f in core.files.unfinished()
+                   if f.state.value == "failed"],
         "uploads_completed": core.files.completed,
         "errors_logged": failures.errors,
         "recent_failures": list(failures.entries),

@@ -35,6 +35,16 @@ FETCH = 16 << 20  # most bytes one GET brings in while filling everything before
 MAX_SIZE = 5 << 40  # S3's largest object
 
 
+class _Skipped:
+    """Stands for a part an earlier run sent (write-back resume): only its length is used."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class StagingArea:
     """The staging folder: makes staging files, and is the one place that writes to them.
 
@@ -125,6 +135,21 @@ class Staged:
             self.close()
             raise
 
+    @classmethod
+    def restored(cls, store, area: StagingArea, path: str, fd: int, size: int, mtime: float) -> "Staged":
+        """A file of the write-back spool, found at start: its content is all local."""
+        staged = cls.__new__(cls)
+        staged.store, staged.area, staged.path, staged.base = store, area, path, None
+        staged.size, staged.mtime, staged.sender = size, mtime, None
+        staged._base_end, staged._filled = 0, bytearray()
+        staged._lock, staged._fd = trio.Lock(), fd
+        return staged
+
+    @property
+    def fd(self) -> int:
+        """The descriptor of the content (the write-back spool links it into its folder)."""
+        return self._fd
+
     @property
     def metadata(self) -> dict[str, str]:
         return {MTIME_META: f"{self.mtime:.9f}"} if self.mtime is not None else {}
@@ -211,29 +236,34 @@ class Staged:
 
     # ----- upload -----------------------------------------------------------------------
 
-    async def upload(self, key: str, nursery: trio.Nursery) -> str:
-        """Send the whole content as one new object under `key`; returns its ETag."""
+    async def upload(self, key: str, nursery: trio.Nursery, journal=None) -> str:
+        """Send the whole content as one new object under `key`; returns its ETag.
+
+        `journal` (write-back): resume the multipart upload it records, and record progress."""
         async with self._lock:
             await self._fill(0, self.size)
             if self.size < MIN_PART:
                 data = os.pread(self._fd, self.size, 0)
                 etag = await self.store.put(key, data, self.metadata)
             else:
-                etag = await self._multipart(key, nursery)
+                etag = await self._multipart(key, nursery, journal)
         self.base = ObjectInfo(key, self.size, self.mtime or 0.0, etag)
         self._base_end = self.size
         self._filled = bytearray(b"\1" * ((self.size + BLOCK - 1) // BLOCK))
         return etag
 
-    async def _multipart(self, key: str, nursery: trio.Nursery) -> str:
-        self.sender = sender = MultipartSender(self.store, key, nursery)
+    async def _multipart(self, key: str, nursery: trio.Nursery, journal=None) -> str:
+        self.sender = sender = MultipartSender(self.store, key, nursery, journal=journal)
         try:
             offset = 0
             while offset < self.size:
                 if sender.next_part > MAX_PARTS:
                     raise StoreError(f"{key} is larger than S3's 10,000-part limit allows")
                 size = min(part_size(sender.next_part), self.size - offset)
-                data = await trio.to_thread.run_sync(os.pread, self._fd, size, offset)
+                if sender.has(sender.next_part):
+                    data = _Skipped(size)
+                else:
+                    data = await trio.to_thread.run_sync(os.pread, self._fd, size, offset)
                 await sender.send(data, self.metadata)  # waits while 8 parts are on the wire
                 offset += size
             return await sender.complete()

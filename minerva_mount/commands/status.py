@@ -284,6 +284,37 @@ def unmount_main(argv: list[str]) -> int:
     return 0
 
 
+def sync_main(argv: list[str]) -> int:
+    """`minerva-mount sync [MOUNTPOINT]`: wait until every file closed so far is in S3."""
+    p = argparse.ArgumentParser(prog="minerva-mount sync",
+                                description="Wait until every file closed so far is in S3 (with "
+                                "--write-back, until the spool is empty); exit 1 if one failed.")
+    p.add_argument("mountpoint", nargs="?", help="the mount point (default: the only one)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait)")
+    args = p.parse_args(argv)
+    if args.mountpoint is None:
+        reports = running_mounts()
+        if len(reports) != 1:
+            return status_main([])  # says why (none or several)
+        args.mountpoint = reports[0]["mountpoint"]
+    mountpoint = _mountpoint(args.mountpoint)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    try:
+        report = wait_for_uploads(mountpoint, deadline, Console())
+    except control.ControlError as exc:
+        return _fail(_not_running(mountpoint) if str(exc) == "not running" else str(exc))
+    except TimeoutError as exc:
+        return _fail(f"gave up after {args.timeout:g} s, {exc}")
+    for path in report.get("kept_back", []):
+        print(f"kept back (a temporary name, never renamed): {path}")
+    if report.get("failed"):
+        for failed in report["failed"]:
+            print(f"failed: {failed['path']}: {failed['error']}", file=sys.stderr)
+        return 1
+    print(f"all files are in S3 ({report['uploads_completed']} uploaded since the mount started)")
+    return 0
+
+
 def _wait_gone(sock: Path, timeout: float = 60.0) -> None:
     """The daemon removes its socket as it exits: wait for that (polling, bounded)."""
     end = time.monotonic() + timeout

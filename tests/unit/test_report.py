@@ -12,9 +12,9 @@ import trio.testing
 from minerva_mount import notify
 from minerva_mount.core import Core
 from minerva_mount.fakestore import FakeStore
+from minerva_mount.multipart import MIN_PART
 from minerva_mount.namespace import ROOT_INODE
 from minerva_mount.report import RecentFailures, one_line, snapshot
-from minerva_mount.multipart import MIN_PART
 
 WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
@@ -52,7 +52,8 @@ def test_snapshot_counts_bytes_written_and_uploaded_then_the_completed_file():
 
 
 def test_cache_stats_reported_when_the_core_has_them_and_survives_their_failure():
-    core = SimpleNamespace(files=SimpleNamespace(unfinished=list, completed=0), store=SimpleNamespace(requests={"get": 2}),
+    core = SimpleNamespace(files=SimpleNamespace(unfinished=list, in_progress=list, completed=0),
+                           store=SimpleNamespace(requests={"get": 2}),
                            cache_stats=lambda: {"bytes": 10, "hits": 3, "misses": 1})
     report = snapshot(mountpoint="/m", started=0, core=core, provider=provider(), failures=RecentFailures())
     assert report["cache"] == {"bytes": 10, "hits": 3, "misses": 1} and report["requests"] == {"get": 2}
