@@ -36,7 +36,7 @@ def test_unexpected_exception_in_a_handler_is_logged_with_traceback_and_answered
         async with trio.open_nursery() as nursery:
             ops = Operations(Core(store, nursery))
             with pytest.raises(pyfuse3.FUSEError) as failure:
-                await ops.lookup(ROOT_INODE, b"Incoming", None)
+                await ops.lookup(ROOT_INODE, b"Exports", None)  # not Incoming/Outgoing: needs a LIST
             assert failure.value.errno == errno.EIO
             with pytest.raises(pyfuse3.FUSEError) as failure:
                 await ops.opendir(ROOT_INODE, None)
