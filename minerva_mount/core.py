@@ -62,7 +62,7 @@ class Core(FileOps, Renames):
         self.on_changed = None  # callback(inode): drop the kernel's pages of a changed object
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
-        self.files = LocalFiles(nursery, self._published, writeback)
+        self.files = LocalFiles(nursery, self._published, writeback, on_gone=self._held_gone)
         self.aliases: dict[str, str] = {}  # shown path -> object path, for shadowed files
         self.mountpoint = mountpoint  # known to a real mount: lets flush ask /proc (openers.py)
         # still_open(fh) -> bool: after a close() of a descriptor of `fh`, does another
@@ -300,6 +300,16 @@ class Core(FileOps, Renames):
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.listings.forget(path)
         self.inodes.removed(path)
+
+    def _held_gone(self, f) -> None:
+        """A held file left localfiles' table: its node and the folder's last snapshot showed
+        the local content; from now on they show what S3's listing says."""
+        parent, _, name = f.path.rpartition("/")
+        self._snapshots.pop(parent, None)
+        node, listing = self.inodes.find(f.path), self.listings.get(parent)
+        entry = listing.get(name, MISSING) if listing is not None else MISSING
+        if node is not None and entry is not MISSING and entry is not DIR:
+            node.size, node.mtime, node.etag = entry.size, entry.mtime, entry.etag or None
 
     def restore_spooled(self, journal, fd: int) -> None:
         """Write-back: a file an earlier run left in the spool is held (and shown) again."""

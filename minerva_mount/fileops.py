@@ -110,7 +110,10 @@ class FileOps:
             f = self.files.streaming(node.path, upload)
             return self._open_handle(StreamingHandle(node, file=f, writing=True), pid)
         if f is None or created:
-            f = await self._hold(node, keep=not truncate)
+            # An empty object is its own base: opening it with O_TRUNC changes nothing.
+            empty = ObjectInfo(self._key(node.path), 0, node.mtime, node.etag) \
+                if truncate and not created and node.etag and node.size == 0 else None
+            f = await self._hold(node, keep=not truncate, base=empty)
         await self.files.settle(f)
         if truncate and f.size:
             await f.staged.truncate(0)
@@ -123,9 +126,8 @@ class FileOps:
         node.size = f.size
         return self._open_handle(StagedHandle(node, file=f, writing=True), pid)
 
-    async def _hold(self, node: Node, keep: bool) -> LocalFile:
+    async def _hold(self, node: Node, keep: bool, base: ObjectInfo | None = None) -> LocalFile:
         """A new staged held file for `node`, lazily filled from its object when `keep`."""
-        base = None
         if keep:
             base = await self.store.head(self._key(node.path))
             self.mtimes[node.path] = (base.etag, base.mtime)

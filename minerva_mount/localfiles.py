@@ -110,8 +110,9 @@ class LocalFiles:
     """Every held file, by path; `on_published(file, etag)` lets the core update its caches."""
 
     def __init__(self, nursery: trio.Nursery, on_published: Callable[[LocalFile, str], None],
-                 writeback=None):
+                 writeback=None, on_gone: Callable[[LocalFile], None] | None = None):
         self._nursery = nursery
+        self._on_gone = on_gone  # a file left the table: what the core showed of it is S3's again
         self.writeback = writeback  # writeback.WriteBack, or None: close() sends (the default)
         self._on_published = on_published
         self._by_path: dict[str, LocalFile] = {}
@@ -226,6 +227,7 @@ class LocalFiles:
         """Unlinked, or replaced by a rename: never sent; content freed after its last handle."""
         if self._by_path.get(f.path) is f:
             del self._by_path[f.path]
+            self._gone(f)
         f.state = State.DETACHED
         self._unspool(f)
         if f.opens == 0:
@@ -260,12 +262,12 @@ class LocalFiles:
         await f.settled.wait()
         if f.state not in (State.STREAMING, State.STAGED, State.KEPT_BACK) or self.get(f.path) is not f:
             return
-        if is_temporary(f.path) or f.created_empty:
-            self._keep_back(f)
-            return
-        if not f.dirty:
+        if not f.dirty:  # nothing to send (also under a temporary name: nothing to hold)
             f.state = State.PUBLISHED
             self._after_send(f)
+            return
+        if is_temporary(f.path) or f.created_empty:
+            self._keep_back(f)
             return
         f.state, f.settled = State.PUBLISHING, trio.Event()
         if self.writeback is not None and f.upload is None:
@@ -343,6 +345,10 @@ class LocalFiles:
         journal.failed = None
         return self._add(LocalFile(path, State.SPOOLED, staged=staged, dirty=True, spooled=journal))
 
+    def _gone(self, f: LocalFile) -> None:
+        if self._on_gone is not None:
+            self._on_gone(f)
+
     def _unspool(self, f: LocalFile) -> None:
         if f.spooled is not None:
             self.writeback.forget(f)
@@ -367,6 +373,7 @@ class LocalFiles:
     def _drop(self, f: LocalFile) -> None:
         if self._by_path.get(f.path) is f:
             del self._by_path[f.path]
+            self._gone(f)
         self._unspool(f)
         self._free(f)
         self._update_idle()

@@ -58,14 +58,18 @@ class MultipartSender:
         """Whether part `number` was sent by an earlier run (a resumed upload)."""
         return number in self._parts
 
+    async def start(self, metadata: dict[str, str]) -> None:
+        """CreateMultipartUpload (the object's metadata is fixed here)."""
+        self.upload_id = await self.store.create_multipart(self.path, metadata)
+        if self._journal is not None:
+            self._journal.started(self.upload_id)
+
     async def send(self, data, metadata: dict[str, str]) -> None:
         """Queue the next part (waits while `max_inflight` parts are on the wire)."""
         if self.error:
             raise self.error
         if self.upload_id is None:
-            self.upload_id = await self.store.create_multipart(self.path, metadata)
-            if self._journal is not None:
-                self._journal.started(self.upload_id)
+            await self.start(metadata)
         if self.next_part > MAX_PARTS:
             raise StoreError(f"{self.path} is larger than S3's 10,000-part limit allows")
         number = self.next_part

@@ -47,10 +47,13 @@ class Renames:
         f = self.files.get(path)
         if f is not None:
             await self.files.settle(f)  # a publish under way completes first, then goes
-            if self.files.get(path) is f:
-                self.files.detach(f)
+            f = self.files.get(path)
+            if f is not None and f.opens and f.staged is not None and f.in_s3 is not None:
+                await f.staged.fill_all()  # its handles keep working once the object is gone
         if self._key(path) != path or await self._in_s3(path):
-            await self.store.delete(self._key(path))
+            await self.store.delete(self._key(path))  # first: a refused unlink changes nothing
+        if f is not None and self.files.get(path) is f:
+            self.files.detach(f)
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.inodes.removed(path)
 
@@ -68,12 +71,14 @@ class Renames:
         target = await self._entry(self._dir(new_parent).path, check_name(new_name))
         if target is not MISSING and flags & RENAME_NOREPLACE:
             raise Exists(dst)
-        if entry is DIR:
-            await self._rename_dir(src, dst, target)
-        else:
-            await self._rename_file(src, dst, target)
-        self.listings.forget(self._dir(old_parent).path)
-        self.listings.forget(self._dir(new_parent).path)
+        try:
+            if entry is DIR:
+                await self._rename_dir(src, dst, target)
+            else:
+                await self._rename_file(src, dst, target)
+        finally:  # also after a failure: what it did (copies made) shows at once
+            self.listings.forget(self._dir(old_parent).path)
+            self.listings.forget(self._dir(new_parent).path)
         self.inodes.moved(src, dst)
 
     async def _rename_file(self, src: str, dst: str, target) -> None:
@@ -114,6 +119,8 @@ class Renames:
         """A file with content not yet sent takes its new name locally; S3 loses the old name."""
         if f.upload is not None and not f.upload.renameable:
             raise busy(f"{src} is being uploaded (parts sent); rename it after it is closed")
+        if f.upload is not None and is_temporary(dst):
+            await self._restage(f)  # kept back under the temporary name: its bytes go to disk
         base = f.in_s3
         if base is not None and base.path == src:
             if is_temporary(dst):
@@ -138,7 +145,7 @@ class Renames:
     async def _rename_dir(self, src: str, dst: str, target) -> None:
         if target is not MISSING and target is not DIR:
             raise NotADirectory(dst)
-        if target is DIR and await self.store.has_children(dst + "/"):
+        if target is DIR and (self.files.under(dst) or await self.store.has_children(dst + "/")):
             raise NotEmpty(dst)
         for f in self.files.under(src):
             await self.files.settle(f)
@@ -151,6 +158,7 @@ class Renames:
         await move_tree(self.store, src, dst, objects)
         for f in self.files.under(src):  # published, still open: they go on under the new names
             self.files.renamed(f, dst + f.path[len(src):])
-        for path in [p for p in self.listings if p == src or p.startswith(src + "/")]:
+        for path in [p for p in self.listings
+                     if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:
             self.listings.forget(path)
 

@@ -66,8 +66,18 @@ class Upload:
         self._buf += data
         self.size += len(data)
         self.mtime = time.time()
-        while len(self._buf) >= part_size(self._next_number()):
-            await self._send_part()
+        try:
+            while len(self._buf) >= part_size(self._next_number()):
+                await self._send_part()
+        except MinervaError:
+            if self._sender is not None and not self._sender.started:
+                # Refused before anything was sent (CreateMultipartUpload failed): the write
+                # changes nothing, so a close after it does not publish bytes the program
+                # was told were not written.
+                del self._buf[len(self._buf) - len(data):]
+                self.size -= len(data)
+                self._sender = None
+            raise
         return len(data)
 
     def _next_number(self) -> int:
@@ -85,6 +95,8 @@ class Upload:
     async def _send_part(self) -> None:
         if self._sender is None:
             self._sender = MultipartSender(self.store, self.path, self._nursery)
+        if not self._sender.started:
+            await self._sender.start(self.metadata)  # before the buffer is touched
         size = part_size(self._sender.next_part)
         if len(self._buf) == size:  # the usual case (writes of 1 MiB): hand the buffer over
             data, self._buf = self._buf, bytearray()

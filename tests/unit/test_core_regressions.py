@@ -1,0 +1,511 @@
+"""Regressions found by the model test (test_core_model.py): each the shortest sequence
+Hypothesis found, written out as plain Core calls. /work/notes/model_findings.md (and the
+docstrings) say what each shows and what is promised.
+
+The kernel's part is played by hand: a close() of a descriptor is Core.flush(fh); RELEASE
+(Core.release) comes after the last descriptor of that fh is closed; `still_open` answers
+from the descriptor counts the test keeps.
+"""
+
+import errno
+import os
+
+import pytest
+import trio
+from model_support import PART, ModelStore, make_core, quiet_logs, set_small_parts, ttl_passes
+
+from minerva_mount.core import Core
+from minerva_mount.errors import MinervaError
+from minerva_mount.namespace import ROOT_INODE
+
+W = os.O_WRONLY | os.O_CREAT | os.O_TRUNC  # create, write-only: a stream
+RW = os.O_RDWR | os.O_CREAT
+
+
+@pytest.fixture(autouse=True)
+def setup(monkeypatch):
+    set_small_parts(monkeypatch)  # files of a few bytes go up in parts of PART bytes
+    with quiet_logs():
+        yield
+
+
+class Kernel:
+    """Core over a ModelStore, with the calls a program makes through the kernel."""
+
+    def __init__(self, core: Core, store: ModelStore):
+        self.core, self.store = core, store
+        self.descs: dict[int, int] = {}  # fh -> descriptors open on it
+
+    async def inode(self, path: str) -> int:
+        inode = ROOT_INODE
+        for part in path.split("/") if path else []:
+            inode = (await self.core.lookup(inode, part.encode())).inode
+        return inode
+
+    async def create(self, path: str, flags: int = W) -> int:
+        parent, _, name = path.rpartition("/")
+        fh, _ = await self.core.create(await self.inode(parent), name.encode(), flags)
+        self.descs[fh] = 1
+        return fh
+
+    async def open(self, path: str, flags: int) -> int:
+        fh = await self.core.open(await self.inode(path), flags)
+        self.descs[fh] = 1
+        return fh
+
+    def dup(self, fh: int) -> None:
+        self.descs[fh] += 1
+
+    async def close(self, fh: int, release: bool = True) -> None:
+        """close(2): FLUSH, and RELEASE after the last descriptor (unless held back)."""
+        self.descs[fh] -= 1
+        await self.core.flush(fh)
+        if release and self.descs[fh] == 0:
+            await self.core.release(fh)
+
+    async def release(self, fh: int) -> None:
+        await self.core.release(fh)
+
+    async def unlink(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        await self.core.unlink(await self.inode(parent), name.encode())
+
+    async def rename(self, src: str, dst: str) -> None:
+        sp, _, sn = src.rpartition("/")
+        dp, _, dn = dst.rpartition("/")
+        await self.core.rename(await self.inode(sp), sn.encode(), await self.inode(dp), dn.encode())
+
+    async def truncate(self, path: str, size: int) -> None:
+        await self.core.setattr(await self.inode(path), size=size)
+
+    async def mkdir(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        await self.core.mkdir(await self.inode(parent), name.encode())
+
+    async def rmdir(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        await self.core.rmdir(await self.inode(parent), name.encode())
+
+    async def listing(self, path: str) -> dict[str, int]:
+        fh = await self.core.opendir(await self.inode(path))
+        try:
+            return {name: node.size for name, node in self.core.readdir(fh, 0)}
+        finally:
+            self.core.releasedir(fh)
+
+    async def read_file(self, path: str) -> bytes:
+        fh = await self.core.open(await self.inode(path), os.O_RDONLY)
+        try:
+            return bytes(await self.core.read(fh, 0, 1 << 20))
+        finally:
+            await self.core.release(fh)
+
+    def stored(self, key: str) -> bytes | None:
+        return self.store.content(key)
+
+
+def run(test, tmp_path):
+    async def main():
+        store = ModelStore()
+        kernel = None
+        async with trio.open_nursery() as nursery:
+            core, disk = make_core(store, nursery, str(tmp_path / "staging"),
+                                   still_open=lambda fh: kernel.descs.get(fh, 0) > 0)
+            kernel = Kernel(core, store)
+            kernel.disk = disk
+            await test(kernel)
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+
+
+async def fails_with(code: int, coro) -> None:
+    with pytest.raises(MinervaError) as info:
+        await coro
+    assert info.value.errno == code, info.value
+
+
+async def while_publishing(k: Kernel, fh: int, other) -> None:
+    """close(fh) with its PUT (or CompleteMultipartUpload) held at a gate while `other()` runs:
+    a second process's call that arrives while the first one's close is publishing."""
+    gate = trio.Event()
+    for kind in ("put", "complete_multipart"):
+        k.store.gates[kind] = gate
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.close, fh)
+            while not k.store.arrived:
+                await trio.sleep(0)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(other)
+                for _ in range(20):
+                    await trio.sleep(0)
+                gate.set()
+    finally:
+        k.store.gates.clear()
+
+
+# ----- findings ------------------------------------------------------------------------------
+
+
+def test_rename_while_close_publishes_waits_instead_of_ebusy(tmp_path):
+    """M1: a rename that arrives while the file's close is publishing it fails with EBUSY.
+    Promised: the rename is ordered after (or before) the close; the file ends up under the
+    new name only."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.core.write(fh, 0, b"x")
+        await k.core.setattr(await k.inode("Incoming/a"), size=1 + PART)  # (out of order: staged)
+        await while_publishing(k, fh, lambda: k.rename("Incoming/a", "Incoming/b"))
+        assert k.stored("Incoming/a") is None
+        assert k.stored("Incoming/b") == b"x" + bytes(PART)
+    run(test, tmp_path)
+
+
+def test_unlink_while_close_publishes_waits_instead_of_ebusy(tmp_path):
+    """M1 (streamed file): unlink while the close's PUT is in flight: EBUSY 'being written'."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.core.write(fh, 0, b"x")
+        await while_publishing(k, fh, lambda: k.unlink("Incoming/a"))
+        assert k.stored("Incoming/a") is None
+        assert "a" not in await k.listing("Incoming")
+    run(test, tmp_path)
+
+
+def test_unlink_while_close_publishes_does_not_come_back(tmp_path):
+    """M2: unlink of a staged file while its close is publishing returns 0, then the PUT
+    lands: the deleted name is back in S3 and in the listing."""
+    async def test(k):
+        fh = await k.create("Incoming/a", RW)
+        await k.core.write(fh, 0, b"x")
+        await while_publishing(k, fh, lambda: k.unlink("Incoming/a"))
+        assert k.stored("Incoming/a") is None
+        assert "a" not in await k.listing("Incoming")
+    run(test, tmp_path)
+
+
+def test_write_to_unlinked_open_file_keeps_working(tmp_path):
+    """M3: a file open read-write is unlinked; a write to a block not fetched yet fails with
+    ENOENT (the lazy fill GETs the object just deleted). Promised (localfiles.py: DETACHED):
+    its handles keep working on its content; nothing is sent."""
+    async def test(k):
+        k.store.add("Incoming/a", b"0123456789abcdefGHIJ")  # two blocks of PART bytes
+        fh = await k.open("Incoming/a", os.O_RDWR)
+        await k.core.write(fh, 0, b"X")  # fills block 0 only
+        await k.unlink("Incoming/a")
+        await k.core.write(fh, PART + 1, b"Y")  # block 1: never fetched
+        assert bytes(await k.core.read(fh, 0, 64)) == b"X123456789abcdefGYIJ"
+        await k.close(fh)
+        assert k.stored("Incoming/a") is None
+    run(test, tmp_path)
+
+
+def test_failed_folder_rename_shows_the_copies_it_made(tmp_path):
+    """M4: a folder rename fails after copying (here the new folder's marker PUT fails):
+    S3 holds the copies under the new name (documented: both names, never neither), but the
+    mount does not list the new folder until its listing TTL passes."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        k.store.add("Incoming/d/a", b"A")
+        await k.listing("Incoming/d")
+        k.store.failing.add("put")
+        await fails_with(errno.EIO, k.rename("Incoming/d", "Incoming/e"))
+        k.store.heal()
+        assert k.stored("Incoming/e/a") == b"A"  # the copy was made
+        assert "e" in await k.listing("Incoming")
+    run(test, tmp_path)
+
+
+def test_folder_rename_onto_a_folder_holding_a_new_file_is_enotempty(tmp_path):
+    """M5: `mv d e` where e holds only a file being written (not in S3 yet) succeeds; e's
+    file is then published into the moved folder. Promised: ENOTEMPTY, as for any folder with
+    a file in it (the file is listed)."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        await k.mkdir("Incoming/e")
+        fh = await k.create("Incoming/e/a")
+        await fails_with(errno.ENOTEMPTY, k.rename("Incoming/d", "Incoming/e"))
+        await k.close(fh)
+        assert k.stored("Incoming/d/") == b"" and k.stored("Incoming/e/a") == b""
+    run(test, tmp_path)
+
+
+def test_rmdir_of_a_folder_holding_a_staged_file_is_enotempty(tmp_path):
+    """M6 (notes case 11): rmdir of a folder whose only file is open read-write (staged, not
+    in S3 yet) succeeds. Promised: ENOTEMPTY (the file is listed in it)."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        fh = await k.create("Incoming/d/a", RW | os.O_TRUNC)  # open(f, "w+"): sent at close
+        await fails_with(errno.ENOTEMPTY, k.rmdir("Incoming/d"))
+        await k.close(fh)
+        assert k.stored("Incoming/d/") == b"" and k.stored("Incoming/d/a") == b""
+    run(test, tmp_path)
+
+
+def test_open_for_writing_after_touch_before_release(tmp_path):
+    """M7: `touch a; echo x > a` when the kernel's RELEASE of touch's descriptor has not
+    arrived yet: the second open (O_WRONLY|O_TRUNC) fails with EBUSY ("already open for
+    writing"). Promised: a closed file can be opened again; EBUSY in that window is
+    documented for readers only."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.close(fh, release=False)
+        fh2 = await k.open("Incoming/a", os.O_WRONLY | os.O_TRUNC)
+        await k.core.write(fh2, 0, b"x")
+        await k.close(fh2)
+        await k.release(fh)
+        assert k.stored("Incoming/a") == b"x"
+    run(test, tmp_path)
+
+
+def test_truncate_by_path_reports_a_failed_upload(tmp_path):
+    """M8: truncate(path) of a closed file whose upload then fails (here the GET that fills
+    the staging copy) returns 0; S3 keeps the old object. Promised: truncate returns once
+    the new object is in S3, or fails with EIO (nothing fails silently)."""
+    async def test(k):
+        k.store.add("Incoming/a", b"\0\0")
+        k.store.failing.add("get")
+        try:
+            await k.truncate("Incoming/a", 1)
+        except MinervaError as exc:
+            assert exc.errno == errno.EIO
+            assert k.stored("Incoming/a") == b"\0\0"
+        else:
+            assert k.stored("Incoming/a") == b"\0", "truncate returned 0; S3 holds the old object"
+    run(test, tmp_path)
+
+
+def test_rename_to_a_temporary_name_sends_nothing(tmp_path):
+    """M9 (notes case 9): `mv a a.part` of an uploaded file copies it in S3 to `a.part`.
+    Promised: temporary names never reach S3; the name `a` is gone from S3 at once."""
+    async def test(k):
+        k.store.add("Incoming/a", b"")
+        await k.rename("Incoming/a", "Incoming/a.part")
+        assert k.stored("Incoming/a") is None
+        assert k.stored("Incoming/a.part") is None
+        assert await k.listing("Incoming") == {"a.part": 0}
+    run(test, tmp_path)
+
+
+def test_unlink_after_touch_before_release(tmp_path):
+    """M10 (notes case 5): `touch a; rm a` with touch's RELEASE not arrived yet: EBUSY.
+    Promised: rm succeeds and nothing is published at the release."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.close(fh, release=False)
+        await k.unlink("Incoming/a")
+        await k.release(fh)
+        assert k.stored("Incoming/a") is None
+        assert "a" not in await k.listing("Incoming")
+    run(test, tmp_path)
+
+
+def test_unchanged_temporary_file_does_not_hide_s3(tmp_path):
+    """M11: an object with a temporary name (`a.part`, put by someone else) opened for
+    writing and closed unchanged stays held here for good: once it is deleted in S3 (or
+    replaced), the mount still lists its local copy. Promised: a file with nothing to send
+    is not held; the listing follows S3 (after the TTL)."""
+    async def test(k):
+        k.store.add("Incoming/a.part", b"")
+        fh = await k.open("Incoming/a.part", os.O_WRONLY | os.O_TRUNC)
+        await k.close(fh)
+        del k.store.objects["Incoming/a.part"]
+        ttl_passes(k.core)  # the listing TTL passes
+        assert await k.listing("Incoming") == {}
+    run(test, tmp_path)
+
+
+def test_truncate_after_touch_before_release_is_published(tmp_path):
+    """M12 (notes case 17): `touch a; truncate -s 1 a` with touch's RELEASE not arrived yet:
+    truncate returns 0 but nothing is in S3 until the release (whose failure nobody would
+    see). Promised: truncate of a closed file returns once the object is in S3."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.close(fh, release=False)
+        await k.truncate("Incoming/a", 1)
+        assert k.stored("Incoming/a") == b"\0"
+        await k.release(fh)
+        assert k.stored("Incoming/a") == b"\0"
+    run(test, tmp_path)
+
+
+def test_folder_rename_after_touch_before_release(tmp_path):
+    """M13 (notes case 19): `mkdir d; touch d/a; mv d e` with touch's RELEASE not arrived
+    yet: EBUSY ("holds files being written"). Promised: the folder moves; `a` is published
+    as e/a (at the release at the latest), never as d/a."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        fh = await k.create("Incoming/d/a")
+        await k.close(fh, release=False)
+        await k.rename("Incoming/d", "Incoming/e")
+        await k.release(fh)
+        assert k.stored("Incoming/e/a") == b""
+        assert k.stored("Incoming/d/a") is None and k.stored("Incoming/d/") is None
+    run(test, tmp_path)
+
+
+def test_last_writers_close_publishes_though_an_earlier_release_is_late(tmp_path):
+    """M14: two writers in turn; the first closed but its RELEASE not arrived yet when the
+    second (the last open writer) closes: that close returns 0 without publishing (Core
+    still counts the first as a writer), and the object goes up at the later release, where
+    a failure reaches nobody. Promised: the last writer's close returns once the object is
+    in S3, or fails with EIO."""
+    async def test(k):
+        fh = await k.create("Incoming/b", RW)
+        await k.close(fh, release=False)
+        fh2 = await k.open("Incoming/b", os.O_WRONLY | os.O_TRUNC)
+        await k.core.write(fh2, 0, b"x")
+        await k.close(fh2)
+        assert k.stored("Incoming/b") == b"x"
+        await k.release(fh)
+    run(test, tmp_path)
+
+
+def test_kept_back_file_renamed_before_release_is_sent_by_the_rename(tmp_path):
+    """M15: `a.part` written and closed (kept back), its RELEASE not arrived yet, renamed to
+    `d`: the rename returns 0 without sending; the object goes up at the release (a failure
+    there reaches nobody). Promised: renaming a closed kept-back file to a final name
+    returns once it is in S3 under that name, or fails (EIO) and keeps it."""
+    async def test(k):
+        fh = await k.create("Incoming/a.part")
+        await k.core.write(fh, 0, b"x")
+        await k.close(fh, release=False)
+        await k.rename("Incoming/a.part", "Incoming/d")
+        assert k.stored("Incoming/d") == b"x"
+        await k.release(fh)
+        assert k.stored("Incoming/d") == b"x" and k.stored("Incoming/a.part") is None
+    run(test, tmp_path)
+
+
+def test_a_failed_write_changes_nothing(tmp_path):
+    """M16: a streamed write that fills the first part fails with EIO when starting the
+    multipart upload fails (CreateMultipartUpload refused once), yet its bytes stay
+    buffered: stat shows the larger size and the next close publishes them. Promised: a
+    refused call changes nothing (or the upload is failed for good and close fails)."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        k.store.fail_once.add("create_multipart")
+        await fails_with(errno.EIO, k.core.write(fh, 0, b"x" * PART))
+        assert (await k.core.getattr(await k.inode("Incoming/a"))).size == 0
+        try:
+            await k.close(fh)
+        except MinervaError:
+            assert k.stored("Incoming/a") is None
+        else:
+            assert k.stored("Incoming/a") == b"", "the bytes of the failed write were published"
+    run(test, tmp_path)
+
+
+def test_stream_renamed_to_a_temporary_name_is_kept_back(tmp_path):
+    """M9b: a new file being streamed (nothing sent yet) renamed to `a.part`, then closed:
+    published as `a.part`. Promised: kept back under a temporary name; sent only when
+    renamed to a final name."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.core.write(fh, 0, b"x")
+        await k.rename("Incoming/a", "Incoming/a.part")
+        await k.close(fh)
+        assert k.stored("Incoming/a.part") is None and k.stored("Incoming/a") is None
+        await k.rename("Incoming/a.part", "Incoming/b")
+        assert k.stored("Incoming/b") == b"x"
+    run(test, tmp_path)
+
+
+def test_folder_renamed_onto_an_empty_folder_shows_its_files(tmp_path):
+    """M17: `mv e d` onto an existing empty folder `d` whose listing is cached: S3 is right
+    (d/a), but `ls d` shows nothing until the listing TTL passes (the cached listings of the
+    source are forgotten, not those of the destination)."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        await k.mkdir("Incoming/e")
+        k.store.add("Incoming/e/a", b"")
+        ttl_passes(k.core)  # (the put was made outside: the listing TTL passes)
+        assert await k.listing("Incoming/d") == {}
+        await k.rename("Incoming/e", "Incoming/d")
+        assert k.stored("Incoming/d/a") == b""
+        assert await k.listing("Incoming/d") == {"a": 0}
+        assert await k.listing("Incoming") == {"d": 0}
+    run(test, tmp_path)
+
+
+def test_listing_after_a_failed_close_shows_what_s3_holds(tmp_path):
+    """M18: `a` (0 bytes) rewritten to 16 bytes; the close fails (CreateMultipartUpload
+    refused) and the file is released: `ls -l` still shows 16 bytes, S3 holds 0. opendir
+    reuses its last snapshot (same listing, no version bump) whose nodes the overlay had set
+    to the local size."""
+    async def test(k):
+        k.store.add("Incoming/a", b"")
+        assert await k.listing("Incoming") == {"a": 0}
+        k.store.failing.add("create_multipart")
+        fh = await k.open("Incoming/a", os.O_WRONLY | os.O_TRUNC)
+        await k.core.write(fh, PART - 1, b"\0")
+        assert await k.listing("Incoming") == {"a": PART}
+        await fails_with(errno.EIO, k.close(fh, release=False))
+        await k.release(fh)
+        assert await k.listing("Incoming") == {"a": 0}
+    run(test, tmp_path)
+
+
+def test_a_failed_unlink_changes_nothing(tmp_path):
+    """M19: unlink of a file held locally (open read-write, not in S3 yet) when DeleteObject
+    fails: EIO, but the local file was dropped first: it vanishes from the listing and its
+    close publishes nothing. Promised: a refused unlink changes nothing."""
+    async def test(k):
+        k.store.add("Incoming/a", b"old")  # in S3: the unlink must send a DeleteObject
+        fh = await k.open("Incoming/a", os.O_RDWR)
+        await k.core.write(fh, 0, b"x")
+        k.store.failing.add("delete")
+        await fails_with(errno.EIO, k.unlink("Incoming/a"))
+        k.store.heal()
+        assert await k.listing("Incoming") == {"a": 3}
+        await k.close(fh)
+        assert k.stored("Incoming/a") == b"xld"
+    run(test, tmp_path)
+
+
+def test_rename_of_a_file_being_overwritten_moves_it(tmp_path):
+    """M20: `a` exists in S3; a program opens it O_WRONLY|O_TRUNC (a new stream) and, still
+    writing, `mv a b` happens: the stream takes the name `b` locally but the old object `a`
+    stays in S3 (and in the listing) for good. Promised: after the rename, `a` is gone."""
+    async def test(k):
+        k.store.add("Incoming/a", b"old")
+        fh = await k.open("Incoming/a", os.O_WRONLY | os.O_TRUNC)
+        await k.core.write(fh, 0, b"new")
+        await k.rename("Incoming/a", "Incoming/b")
+        assert k.stored("Incoming/a") is None
+        await k.close(fh)
+        assert k.stored("Incoming/a") is None and k.stored("Incoming/b") == b"new"
+        assert await k.listing("Incoming") == {"b": 3}
+    run(test, tmp_path)
+
+
+def test_open_file_renamed_to_a_temporary_name_sends_nothing(tmp_path):
+    """M9c: `b` (in S3) open read-write and changed, renamed to `a.part`: the rename copies
+    the old object to `a.part` in S3 (then deletes `b`); unlinking `a.part` later leaves that
+    copy in S3 for good. Promised: nothing under a temporary name reaches S3."""
+    async def test(k):
+        k.store.add("Incoming/b", b"\0")
+        fh = await k.open("Incoming/b", os.O_RDWR)
+        await k.core.setattr(await k.inode("Incoming/b"), size=0)
+        await k.rename("Incoming/b", "Incoming/a.part")
+        assert k.stored("Incoming/a.part") is None and k.stored("Incoming/b") is None
+        await k.close(fh)
+        await k.unlink("Incoming/a.part")
+        assert k.store.objects == {}
+    run(test, tmp_path)
+
+
+def test_unlink_of_a_truncated_temporary_file_deletes_the_object(tmp_path):
+    """M21: `a.part` exists in S3 (put by someone else); a program opens it O_WRONLY|O_TRUNC
+    (staged without a base: temporary names do not stream) and `rm a.part`: unlink takes it
+    for a file that never reached S3 and sends no DeleteObject; the object stays and is
+    listed again. Promised: a deleted name never comes back."""
+    async def test(k):
+        k.store.add("Incoming/a.part", b"old")
+        fh = await k.open("Incoming/a.part", os.O_WRONLY | os.O_TRUNC)
+        await k.unlink("Incoming/a.part")
+        assert k.stored("Incoming/a.part") is None
+        await k.close(fh)
+        assert k.stored("Incoming/a.part") is None
+        assert await k.listing("Incoming") == {}
+    run(test, tmp_path)
