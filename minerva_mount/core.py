@@ -18,6 +18,7 @@ import trio
 from .errors import (
     Exists,
     InvalidName,
+    MinervaError,
     NameTooLong,
     NotADirectory,
     NotEmpty,
@@ -310,6 +311,15 @@ class Core(FileOps, Renames):
         entry = listing.get(name, MISSING) if listing is not None else MISSING
         if node is not None and entry is not MISSING and entry is not DIR:
             node.size, node.mtime, node.etag = entry.size, entry.mtime, entry.etag or None
+
+    async def warm(self) -> None:
+        """At mount start: list the root, so the first lookups and a file manager's probes
+        there (`.Trash`, `.hidden`) cost no round trip while the user waits; Incoming/ and
+        Outgoing/ resolve without it (see `_entry`)."""
+        try:
+            await self._listing("")
+        except MinervaError as exc:
+            log.warning("could not list the mount root at start: %s", exc)
 
     def restore_spooled(self, journal, fd: int) -> None:
         """Write-back: a file an earlier run left in the spool is held (and shown) again."""

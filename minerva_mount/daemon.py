@@ -109,6 +109,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
                     staging=staging, mountpoint=settings.mountpoint, writeback=writeback)
         if writeback is not None:  # what an earlier run left is held and uploading before the mount shows
             await nursery.start(writeback.run, core.files, core.restore_spooled)
+        await core.warm()
         monitor = Monitor(settings.mountpoint, socket_path, core, provider)
         options = {"fsname=minerva", "subtype=minerva", "noatime"}
         if settings.allow_other:

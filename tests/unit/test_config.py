@@ -1,6 +1,8 @@
 """Settings precedence (flags > env > file > defaults), -o options, and where the key comes from."""
 
+import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +78,9 @@ def test_bad_file_names_the_problem(home):
     write_config(home, 'allow_other = "maybe"\n')
     with pytest.raises(ConfigError, match="allow_other .* not a valid bool"):
         load({}, {})
+    write_config(home, "stop_timeout = true\n")
+    with pytest.raises(ConfigError, match="stop_timeout .* needs a float value"):
+        load({}, {})
 
 
 def test_mount_options_map_to_settings_and_ignore_mount_generic_ones():
@@ -147,3 +152,120 @@ def test_print_config_shows_sources_and_masks_secrets(home, tmp_path):
 
 def test_mask_url_keeps_urls_without_password():
     assert config.mask_url("https://api.minerva.io") == "https://api.minerva.io"
+
+
+# ----- one table: every spelling of every setting, and the docs, agree with config.SETTINGS -----
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sample(s: config.Setting, home: Path) -> tuple[str, object]:
+    """A value other than the default, as text (flag, -o, env) and as it should come out."""
+    if s.kind is bool:
+        return "true", not s.default
+    if s.kind is float:
+        return "7.5", 7.5
+    if s.kind is Path:
+        return str(home / "given" / s.name), home / "given" / s.name
+    return f"given-{s.name}", f"given-{s.name}"
+
+
+def _toml(s: config.Setting, text: str) -> str:
+    return text if s.kind in (bool, float) else f'"{text}"'
+
+
+@pytest.mark.parametrize("s", config.SETTINGS, ids=lambda s: s.name)
+def test_every_setting_as_flag_option_env_and_file_key_with_one_default(s, home, monkeypatch):
+    from minerva_mount import cli
+
+    for var in (v for setting in config.SETTINGS for v in setting.env):
+        monkeypatch.delenv(var, raising=False)
+    text, value = _sample(s, home)
+    default = load({}, {})
+    assert default.sources[s.name] == "default"
+    assert default.values[s.name] == config._convert(s, s.default, "default")
+    assert (s.default is None) == bool(s.unset), "a default of None needs `unset` words, and only it"
+    for var in s.env:
+        c = load({}, {var: text})
+        assert (c.values[s.name], c.sources[s.name]) == (value, f"env {var}")
+    file = write_config(home, f"{s.name} = {_toml(s, text)}\n")
+    c = load({}, {})
+    assert (c.values[s.name], c.sources[s.name]) == (value, str(file))
+    write_config(home, "")
+    spellings = [[flag] if s.kind is bool else [flag, text] for flag in s.flags]
+    spellings += [["-o", key if s.kind is bool else f"{key}={text}"] for key in s.option_keys]
+    if s.name == "mountpoint":
+        spellings.append([text])
+        with pytest.raises(ConfigError, match="unknown option"):
+            parse_mount_options([f"mountpoint={text}"])
+    else:
+        assert s.flags and s.name in s.option_keys
+    for argv in spellings:
+        c = cli.load_config(cli._parser().parse_args(argv))
+        assert (c.values[s.name], c.sources[s.name]) == (value, "command line"), argv
+        assert all(c.sources[o] == "default" for o in config.BY_NAME if o != s.name), argv
+
+
+def test_help_says_what_the_table_says(monkeypatch):
+    from minerva_mount import cli
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps (and splits at hyphens) below that
+    text = " ".join(cli._parser().format_help().split())
+    for s in config.SETTINGS:
+        assert " ".join(s.help_text.split()) in text, s.name
+        assert all(f in text for f in s.flags), s.name
+
+
+def _readme_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("\n## Configuration\n")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def _row(s: config.Setting) -> str:
+    """The README row the table implies (shown when the README disagrees; backticks are free)."""
+    alias = "".join(f" (`-o {a}`)" for a in sorted(s.option_keys - {s.name}))
+    flags = ", ".join(f"`{f} {s.metavar}`" if s.metavar and f.startswith("--") else f"`{f}`"
+                      for f in s.flags) or "the argument"
+    return (f"| `{s.name}`{alias} | {flags} | {', '.join(f'`{e}`' for e in s.env)} | "
+            f"{s.default_text} | {s.help} |")
+
+
+def test_readme_table_lists_exactly_the_settings_with_their_defaults():
+    rows = [line for line in _readme_section().splitlines() if line.startswith("| `")]
+    cells = [[c.strip() for c in row.strip("|").split(" | ")] for row in rows]
+    names = [re.match(r"`(\w+)`", c[0]).group(1) for c in cells]
+    assert names == [s.name for s in config.SETTINGS], "README rows, in order:\n" + "\n".join(
+        _row(s) for s in config.SETTINGS)
+    for s, (name, flags, env, default, meaning) in zip(config.SETTINGS, cells, strict=True):
+        expected = f"README should say:\n{_row(s)}"
+        assert re.findall(r"-o (\w+)", name) == sorted(s.option_keys - {s.name}), expected
+        assert re.findall(r"`(-[-\w]+)", flags) == list(s.flags), expected
+        assert s.flags or flags == "the argument", expected
+        assert re.findall(r"`(\w+)`", env) == list(s.env), expected
+        assert default.replace("`", "") == s.default_text, expected
+        assert meaning.replace("`", "") == s.help, expected
+
+
+def test_defaults_quoted_in_prose_are_the_tables():
+    """`--metadata-ttl` (default 30 s) in SEMANTICS.md or README.md is the table's default."""
+    flags = {f: s for s in config.SETTINGS for f in s.flags}
+    for doc in ("README.md", "SEMANTICS.md"):
+        for flag, quoted in re.findall(r"`(--[\w-]+)`\s+\(default ([^\s)]+)", (ROOT / doc).read_text()):
+            assert quoted == flags[flag].default_text, f"{doc}: {flag} (default {quoted})"
+
+
+def test_readme_example_config_file_is_accepted(home):
+    example = re.search(r"```toml\n(.*?)```", _readme_section(), re.S).group(1)
+    write_config(home, example)
+    assert set(config.read_file(config.paths.config_file(), True)) <= set(config.BY_NAME)
+    load({}, {})
+
+
+def test_daemon_settings_restate_no_default():
+    """daemon.Settings fields named like settings take the table's defaults, never a literal."""
+    tree = ast.parse((ROOT / "minerva_mount" / "daemon.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    for item in cls.body:
+        if isinstance(item, ast.AnnAssign) and item.target.id in config.BY_NAME and item.value:
+            assert "DEFAULTS[" in ast.unparse(item.value), ast.unparse(item)

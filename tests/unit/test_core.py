@@ -9,8 +9,8 @@ import trio
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
 from minerva_mount.fakestore import FakeStore
-from minerva_mount.namespace import ROOT_INODE
 from minerva_mount.multipart import MIN_PART, part_size
+from minerva_mount.namespace import ROOT_INODE
 
 WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 

@@ -10,11 +10,10 @@ import trio.testing
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
 from minerva_mount.fakestore import FakeStore
-from minerva_mount.namespace import ROOT_INODE
-from minerva_mount.namespace import is_temporary
+from minerva_mount.multipart import MAX_INFLIGHT, MIN_PART
+from minerva_mount.namespace import ROOT_INODE, is_temporary
 from minerva_mount.staging import BLOCK, StagingArea
 from minerva_mount.store import MTIME_META
-from minerva_mount.multipart import MAX_INFLIGHT, MIN_PART
 
 WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 MIB = 1 << 20
@@ -63,7 +62,8 @@ async def read_all(core, fh, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("name", [
-    "report.pdf.part", ".goutputstream-A1b2C3", ".notes.txt.swp", ".notes.txt.swo", ".v.txt.swx", "4913", "notes.txt~",
+    "report.pdf.part", ".goutputstream-A1b2C3", ".notes.txt.swp", ".notes.txt.swo", ".v.txt.swx", "4913",
+    "notes.txt~",
     ".data.csv.Xy12Zq", ".~lock.budget.ods#", "~$budget.docx"])
 def test_temporary_names(name):
     assert is_temporary("Incoming/sub/" + name)
