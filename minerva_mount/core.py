@@ -215,23 +215,29 @@ class Core(FileOps, Renames):
     async def _truncate(self, node: Node, size: int) -> None:
         check_size(node.path, size)
         f = self._changeable(node.path)
-        if f is None:
+        made = f is None  # a copy made for this truncate alone
+        if made:
             if size == node.size:
                 return
             require_writable(node.path, "truncate")
             f = await self._hold(node, keep=True)
-        await self.files.settle(f)
-        if f.upload is not None:
-            try:
-                await f.upload.truncate(size)
-            except NotSequential:
-                await self._restage(f)
-        if f.staged is not None:
-            await f.staged.truncate(size)
-        self.files.changed(f)
-        node.size = f.size
-        if f.writers == 0:
-            await self.files.publish(f)
+        try:
+            await self.files.settle(f)
+            if f.upload is not None:
+                try:
+                    await f.upload.truncate(size)
+                except NotSequential:
+                    await self._restage(f)
+            if f.staged is not None:
+                await f.staged.truncate(size)
+            self.files.changed(f)
+            node.size = f.size
+            if f.writers == 0:
+                await self.files.publish(f)
+        except MinervaError:
+            if made:  # a refused truncate changes nothing: the copy made for it goes
+                self.files.discard(f)
+            raise
 
     # ----- folders ------------------------------------------------------------------
 

@@ -118,13 +118,19 @@ class FileOps:
         if truncate and f.size:
             await f.staged.truncate(0)
             self.files.changed(f)
+        if not created and (flags & os.O_TRUNC or flags & os.O_ACCMODE == os.O_WRONLY):
+            f.created_empty = False  # opened to be written: a file the program wants
         if created and f.opens == 0 and f.in_s3 is None:
             # Created as a side effect (read-write or read-only, without O_TRUNC: fallocate,
             # `exec 3<>f`, vim's probe) and never written: not sent at close (LocalFiles.publish).
             # `touch` (write-only) and `open(f, "w+")` (O_TRUNC) mean an empty file: sent.
             f.created_empty = flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC
         node.size = f.size
-        return self._open_handle(StagedHandle(node, file=f, writing=True), pid)
+        # A read-only creator (open(O_CREAT | O_RDONLY)) is a reader: it never holds back a
+        # writer's close, and its own close sends nothing (the file is kept back, or sent
+        # when written, truncated or renamed).
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        return self._open_handle(StagedHandle(node, file=f, writing=writing), pid)
 
     async def _hold(self, node: Node, keep: bool, base: ObjectInfo | None = None) -> LocalFile:
         """A new staged held file for `node`, lazily filled from its object when `keep`."""

@@ -191,6 +191,16 @@ class LocalFiles:
                 f.state, f.error = State.STAGED, None
         self._update_idle()
 
+    def unsent(self, f: LocalFile) -> None:
+        """S3 no longer holds the content under the file's name (renamed away from its object):
+        it must be sent, or kept back, even if unchanged."""
+        f.dirty = True
+        self._update_idle()
+
+    def discard(self, f: LocalFile) -> None:
+        """A held copy made for a call that failed: gone, as if the call had not been made."""
+        self._drop(f)
+
     def writing_again(self, f: LocalFile) -> None:
         """A handle whose close was taken as its last writes again (a copy we could not see)."""
         f.writers += 1

@@ -94,9 +94,15 @@ class Renames:
         if area_of(dst) is Area.INCOMING and is_temporary(dst) and self._key(src) == src:
             # Renamed TO a temporary name: it leaves S3 and is held here until renamed back.
             node = self.inodes.find(src) or self.inodes.upsert(src, False)
-            f = self._changeable(src) or await self._hold(node, keep=True)
-            await f.staged.fill_all()
-            await self.store.delete(src)
+            held = self._changeable(src)
+            f = held or await self._hold(node, keep=True)
+            try:
+                await f.staged.fill_all()
+                await self.store.delete(src)
+            except MinervaError:
+                if held is None:  # a refused rename changes nothing
+                    self.files.discard(f)
+                raise
             self.files.renamed(f, dst)
             self.files.changed(f)
             await self.files.publish(f)  # keeps it back
@@ -122,15 +128,19 @@ class Renames:
         if f.upload is not None and is_temporary(dst):
             await self._restage(f)  # kept back under the temporary name: its bytes go to disk
         base = f.in_s3
+        left_s3 = False  # the content's object goes and none takes the new name
         if base is not None and base.path == src:
             if is_temporary(dst):
                 await f.staged.fill_all()  # the object goes; its bytes stay here
+                left_s3 = True
             else:
                 etag = await self.store.copy(src, dst, base.size)
                 f.staged.rebase(ObjectInfo(dst, base.size, base.mtime, etag))
         if await self._in_s3(src):
             await self.store.delete(src)
         self.files.renamed(f, dst)
+        if left_s3:
+            self.files.unsent(f)  # held under the temporary name even if unchanged
         if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
             f.created_empty = False  # renamed to a final name: the user wants it there
             f.state = State.STAGED

@@ -21,18 +21,11 @@ opened: one for the LISTs, one for the GET) to 0.31-0.37 s (one connection), the
 as soon as before (0.30-0.39 s either way, 5 rounds each).
 """
 
-import contextlib
-import datetime
-import html
 import logging
 import random
-import re
 import socket
-import urllib.parse
-import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -46,61 +39,29 @@ import trio
 import urllib3.exceptions
 
 from .credentials import CredentialProvider, Credentials
-from .errors import AccessDenied, MinervaError, NotFound, StoreError
+from .errors import MinervaError, NotFound, StoreError
+from .s3answers import (  # noqa: F401 (ObjectInfo, Listing, ObjectChanged, MTIME_META: used from here)
+    ACCESS_DENIED_MARKER,
+    MTIME_META,
+    Listing,
+    ObjectChanged,
+    ObjectInfo,
+    client_error,
+    map_client_error,
+    next_token,
+    object_info,
+    parse_list_page,
+    parse_timestamp,
+    retryable,
+)
 
 log = logging.getLogger("minerva.store")
 
-MTIME_META = "mtime"  # user metadata key (x-amz-meta-mtime), as s3fs and rclone use
-# Logged with every AccessDenied S3 answers: the test suite counts these and expects none,
-# since the client must never send a request outside the org prefix or the allowed actions.
-ACCESS_DENIED_MARKER = "S3-ACCESS-DENIED"
-RETRY_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
-    "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed", "OperationAborted",
-})
 FIRST_BACKOFF, MAX_BACKOFF = 0.2, 5.0
-S3_XMLNS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 # Bodies from this size on keep the `Expect: 100-continue` botocore gives them; smaller ones go
 # without it (see _expect_only_for_large_bodies). 8 MiB: multipart.MIN_PART, so every single
 # PUT (always smaller) goes in one round trip, and staged files' parts keep botocore's choice.
 EXPECT_CONTINUE_FROM = 8 << 20
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    path: str
-    size: int
-    mtime: float
-    etag: str
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Listing:
-    """One folder level: objects directly inside, and the names of sub-folders."""
-
-    files: list[ObjectInfo]
-    dirs: list[str]
-
-
-class ObjectChanged(StoreError):
-    """The object's ETag no longer matches the one a read started with."""
-
-
-def _parse_timestamp(text: str) -> datetime.datetime:
-    """botocore's timestamp parser with a fast path for the ISO 8601 times LIST answers carry.
-
-    botocore's own (dateutil) costs ~40 us per key, most of the CPU time of a 1,000-key LIST
-    page; `fromisoformat` takes ~1 us. Other forms (HEAD's RFC 1123 Last-Modified) go to
-    botocore's.
-    """
-    try:
-        parsed = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:  # not ISO 8601, or no zone: botocore decides
-        return botocore.utils.parse_timestamp(text)
-    return parsed
 
 
 def _expect_only_for_large_bodies(request, **_kwargs) -> None:
@@ -136,14 +97,6 @@ def _expect_only_for_large_bodies(request, **_kwargs) -> None:
     if length is not None and int(length) < EXPECT_CONTINUE_FROM:
         del headers["Expect"]
     return None  # anything else would be taken as the response
-
-
-def _info(path: str, size: int, last_modified, etag: str, metadata=None) -> ObjectInfo:
-    metadata = metadata or {}
-    mtime = last_modified.timestamp()
-    with contextlib.suppress(ValueError):
-        mtime = float(metadata.get(MTIME_META, mtime))
-    return ObjectInfo(path, size, mtime, etag.strip('"'), metadata)
 
 
 class S3Store:
@@ -220,7 +173,7 @@ class S3Store:
             return
         botocore_session = botocore.session.get_session()
         botocore_session.get_component("response_parser_factory").set_parser_defaults(
-            timestamp_parser=_parse_timestamp)
+            timestamp_parser=parse_timestamp)
         session = boto3.session.Session(botocore_session=botocore_session)
         # As botocore makes its own: CA bundle, proxies, timeouts, pool size, no Nagle wait.
         self._http = botocore.httpsession.URLLib3Session(
@@ -270,8 +223,8 @@ class S3Store:
             try:
                 result = await trio.to_thread.run_sync(fn, client, limiter=self._limiter)
             except botocore.exceptions.ClientError as exc:
-                error = _map_client_error(exc, kind, path)
-                if not _retryable(exc):
+                error = map_client_error(exc, kind, path)
+                if not retryable(exc):
                     raise error from None
             except botocore.exceptions.ParamValidationError as exc:
                 raise StoreError(f"{kind} {path}: invalid request ({exc})") from None
@@ -302,7 +255,7 @@ class S3Store:
         params = {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/"}
         body: bytes | None = await self._list_body(path, params)
         while body is not None:
-            token, following = _next_token(body), []
+            token, following = next_token(body), []
             # Errors are kept, not raised, inside the nursery: it would wrap them in an
             # ExceptionGroup, and callers expect the MinervaError with its errno.
             async with trio.open_nursery() as nursery:
@@ -310,7 +263,7 @@ class S3Store:
                     nursery.start_soon(self._list_into, following, path,
                                        {**params, "ContinuationToken": token})
                 try:
-                    page = await trio.to_thread.run_sync(_parse_list_page, body, base, path,
+                    page = await trio.to_thread.run_sync(parse_list_page, body, base, path,
                                                          limiter=self._limiter)
                 except MinervaError as exc:
                     nursery.cancel_scope.cancel()
@@ -333,7 +286,7 @@ class S3Store:
         return await self._call("list", path, lambda c: self._get_list_page(c, params))
 
     def _get_list_page(self, client, params: dict) -> bytes:
-        """One ListObjectsV2 page as raw XML, read by `_parse_list_page` rather than botocore.
+        """One ListObjectsV2 page as raw XML, read by `parse_list_page` rather than botocore.
 
         botocore's response parser costs ~0.3 ms per key, and checks every 200 answer for an
         error document by parsing it once more: three quarters of the time of a cold `ls -l`
@@ -350,7 +303,7 @@ class S3Store:
         body = response.content
         if response.status_code == 200 and body.rstrip().endswith(b"</ListBucketResult>"):
             return body
-        raise _client_error(response.status_code, body, "ListObjectsV2")
+        raise client_error(response.status_code, body, "ListObjectsV2")
 
     async def list_tree(self, path: str) -> list[ObjectInfo]:
         """Every object under `path` (ends with '/'), folder markers included, all levels."""
@@ -360,7 +313,7 @@ class S3Store:
             if token:
                 kwargs["ContinuationToken"] = token
             page = await self._call("list", path, lambda c, kw=kwargs: c.list_objects_v2(**kw))
-            found.extend(_info(path + obj["Key"][len(base):], obj["Size"], obj["LastModified"],
+            found.extend(object_info(path + obj["Key"][len(base):], obj["Size"], obj["LastModified"],
                                obj.get("ETag", "")) for obj in page.get("Contents", []))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
@@ -375,7 +328,7 @@ class S3Store:
 
     async def head(self, path: str) -> ObjectInfo:
         r = await self._call("head", path, lambda c: c.head_object(Bucket=self.bucket, Key=self._key(path)))
-        return _info(path, r["ContentLength"], r["LastModified"], r.get("ETag", ""), r.get("Metadata"))
+        return object_info(path, r["ContentLength"], r["LastModified"], r.get("ETag", ""), r.get("Metadata"))
 
     async def get_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
         """Bytes [start, end) of the object; ObjectChanged if it no longer has `etag`."""
@@ -405,7 +358,7 @@ class S3Store:
         if response.status_code == 200:  # the whole object (a server that ignores Range)
             first = int(params["Range"][len("bytes="):].split("-")[0])
             return body[first:first + size]
-        raise _client_error(response.status_code, body, "GetObject")
+        raise client_error(response.status_code, body, "GetObject")
 
     async def get_blocks(self, path: str, start: int, end: int, block_size: int,
                          etag: str | None = None) -> list[bytes]:
@@ -515,87 +468,3 @@ class S3Store:
     async def delete(self, path: str) -> None:
         await self._call("delete", path, lambda c: c.delete_object(Bucket=self.bucket, Key=self._key(path)))
 
-
-@dataclass
-class _Page:
-    files: list[ObjectInfo]
-    dirs: list[str]
-
-
-_NEXT_TOKEN = re.compile(rb"<NextContinuationToken>([^<]+)</NextContinuationToken>")
-
-
-def _next_token(body: bytes) -> str | None:
-    """The continuation token of a raw ListBucketResult, None on the last page. Keys cannot
-    contain the tag: '<' in a key is escaped in XML (and URL-encoded with EncodingType=url)."""
-    if b"<IsTruncated>true</IsTruncated>" not in body or (found := _NEXT_TOKEN.search(body)) is None:
-        return None
-    return html.unescape(found.group(1).decode())
-
-
-def _parse_list_page(body: bytes, base: str, path: str) -> _Page:
-    """A ListBucketResult (keys URL-encoded, EncodingType=url) as ObjectInfo for `path`."""
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError as exc:
-        raise StoreError(f"list {path}: S3 answered a listing that is not XML ({exc})") from None
-    files, dirs = [], []
-    unquote, skip = urllib.parse.unquote_plus, len(base)
-    contents, prefixes = S3_XMLNS + "Contents", S3_XMLNS + "CommonPrefixes"
-    key_tag, size_tag, time_tag, etag_tag = (S3_XMLNS + t for t in ("Key", "Size", "LastModified", "ETag"))
-    mtimes: dict[str, float] = {}  # objects written together share their LastModified text
-    for element in root:
-        tag = element.tag
-        if tag == contents:
-            key, size, stamp, etag = "", "0", "", ""
-            for field_ in element:  # one pass over the fields: findtext per field costs more
-                if field_.tag == key_tag:
-                    key = field_.text or ""
-                elif field_.tag == size_tag:
-                    size = field_.text or "0"
-                elif field_.tag == time_tag:
-                    stamp = field_.text or ""
-                elif field_.tag == etag_tag:
-                    etag = field_.text or ""
-            rel = (unquote(key) if "%" in key or "+" in key else key)[skip:]
-            if not rel:  # the folder's own marker object
-                continue
-            if (mtime := mtimes.get(stamp)) is None:
-                mtime = mtimes[stamp] = _parse_timestamp(stamp).timestamp()
-            files.append(ObjectInfo(path + rel, int(size), mtime, etag.strip('"'), {}))
-        elif tag == prefixes:
-            dirs.append(unquote(element.findtext(S3_XMLNS + "Prefix", ""))[skip:])
-    return _Page(files, dirs)
-
-
-def _client_error(status: int, body: bytes, operation: str) -> botocore.exceptions.ClientError:
-    """The ClientError botocore would raise for an S3 error answer, for `_call` to map."""
-    try:
-        error = {e.tag.rpartition("}")[2]: e.text for e in ElementTree.fromstring(body)}
-    except ElementTree.ParseError:
-        error = {}
-    code = error.get("Code") or ("InternalError" if status == 200 else str(status))  # 200: cut off
-    return botocore.exceptions.ClientError(
-        {"Error": {"Code": code, "Message": error.get("Message") or ""},
-         "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
-
-
-def _map_client_error(exc: botocore.exceptions.ClientError, kind: str, path: str) -> MinervaError:
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    what = f"{kind} {path}: S3 answered {status} {code}"
-    if code in ("NoSuchKey", "NotFound", "404") or status == 404:
-        return NotFound(what)
-    if code in ("PreconditionFailed",) or status == 412:
-        return ObjectChanged(what)
-    if code == "AccessDenied":
-        log.error("%s %s", ACCESS_DENIED_MARKER, what)
-        return AccessDenied(what)
-    return StoreError(what)
-
-
-def _retryable(exc: botocore.exceptions.ClientError) -> bool:
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-    return code in RETRY_CODES or status >= 500 or status == 429

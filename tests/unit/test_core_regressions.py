@@ -509,3 +509,148 @@ def test_unlink_of_a_truncated_temporary_file_deletes_the_object(tmp_path):
         assert k.stored("Incoming/a.part") is None
         assert await k.listing("Incoming") == {}
     run(test, tmp_path)
+
+
+def test_rename_onto_a_file_being_written_replaces_it(tmp_path):
+    """M22: `mv b a` while `a` is a new file being written (streamed, open): the rename
+    copies b over a and returns 0, but a's pending stream keeps the name: the listing shows
+    the stream (size 0), and its close publishes over the renamed file. Promised: EBUSY
+    (as unlink of a file being written), or `a` is b's content and the replaced file's
+    close sends nothing."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        k.store.add("Incoming/b", b"B")
+        ttl_passes(k.core)
+        try:
+            await k.rename("Incoming/b", "Incoming/a")
+        except MinervaError as exc:
+            assert exc.errno == errno.EBUSY
+            return
+        assert await k.listing("Incoming") == {"a": 1}
+        await k.close(fh)
+        assert k.stored("Incoming/a") == b"B" and k.stored("Incoming/b") is None
+    run(test, tmp_path)
+
+
+def test_a_truncate_refused_for_a_full_disk_leaves_nothing_held(tmp_path):
+    """M23: truncate(path) of a closed object while the staging disk is full: ENOSPC (fine),
+    but the staging copy made for it stays held: the mount goes on showing it over S3 (an
+    object put by others afterwards is hidden) and the stop names the file as unfinished.
+    Promised: a refused call changes nothing."""
+    async def test(k):
+        if k.disk is None:
+            pytest.skip("Core takes no StagingArea here")
+        k.store.add("Incoming/a", b"")
+        k.disk.mode = "enospc"
+        await fails_with(errno.ENOSPC, k.truncate("Incoming/a", 1))
+        k.disk.mode = None
+        k.store.add("Incoming/a", b"\0")
+        ttl_passes(k.core)
+        assert await k.listing("Incoming") == {"a": 1}
+        assert await k.core.drain(0.1) == []
+    run(test, tmp_path)
+
+
+def test_kept_back_file_renamed_with_a_read_only_descriptor_open_is_sent(tmp_path):
+    """M24: a file created O_RDONLY|O_CREAT under a temporary name (kept back), renamed to a
+    final name while that read-only descriptor is open: nothing is sent, not at the rename
+    and not at the close either; the file stays held (drain names it) and is lost at stop.
+    Promised: "sent if renamed", and a descriptor open for reading never holds a publish
+    back."""
+    async def test(k):
+        fh = await k.create("Incoming/.a.swp", os.O_RDONLY | os.O_CREAT)
+        await k.rename("Incoming/.a.swp", "Incoming/a")
+        assert k.stored("Incoming/a") == b""
+        await k.close(fh)
+        assert k.stored("Incoming/a") == b""
+    run(test, tmp_path)
+
+
+def test_a_truncate_that_fails_changes_nothing(tmp_path):
+    """M23b: truncate(path) of a closed 2-byte object when the GET that fills the staging
+    copy fails: EIO (fine), but the truncated copy stays held: `ls -l` shows 1 byte while S3
+    holds 2. Promised: a refused call changes nothing."""
+    async def test(k):
+        k.store.add("Incoming/a", b"\0\0")
+        k.store.failing.add("get")
+        await fails_with(errno.EIO, k.truncate("Incoming/a", 1))
+        k.store.heal()
+        assert await k.listing("Incoming") == {"a": 2}
+        assert await k.read_file("Incoming/a") == b"\0\0"
+    run(test, tmp_path)
+
+
+def test_truncating_open_of_a_side_effect_file_wants_it(tmp_path):
+    """M25 (a choice of the model; the documents leave it open): `exec 3<>a` creates `a` as a
+    side effect (kept back if never written); then `: > a` (O_WRONLY|O_TRUNC) and both close
+    without a write: `a` stays kept back. The model takes the truncating open as "a program
+    that creates a file to write it (`>`) means one": the last close publishes it."""
+    async def test(k):
+        fh = await k.create("Incoming/a", RW)
+        fh2 = await k.open("Incoming/a", os.O_WRONLY | os.O_TRUNC)
+        await k.close(fh2)
+        await k.close(fh)
+        assert k.stored("Incoming/a") == b""
+    run(test, tmp_path)
+
+
+def test_truncate_with_only_a_read_only_descriptor_open_is_sent(tmp_path):
+    """M24b: `a` created O_RDONLY|O_CREAT, descriptor kept open, `truncate -s 1 a`: nothing is
+    sent until that read-only descriptor is closed (and then an error would go to a close
+    that never wrote). Promised: truncate by path with no writer open is in S3 when it
+    returns; a descriptor open for reading never holds a publish back."""
+    async def test(k):
+        fh = await k.create("Incoming/a", os.O_RDONLY | os.O_CREAT)
+        await k.truncate("Incoming/a", 1)
+        assert k.stored("Incoming/a") == b"\0"
+        await k.close(fh)
+    run(test, tmp_path)
+
+
+def test_a_failed_rename_to_a_temporary_name_leaves_nothing_held(tmp_path):
+    """M26: `mv a a.part` of an object (leaves S3, kept back) when DeleteObject fails: EIO
+    (fine: `a` is still in S3), but a local copy of `a` stays held: drain (the stop) names
+    `a` as unfinished, and a later change of `a` by others is hidden. Promised: a refused
+    call changes nothing."""
+    async def test(k):
+        k.store.add("Incoming/a", b"A")
+        k.store.failing.add("delete")
+        await fails_with(errno.EIO, k.rename("Incoming/a", "Incoming/a.part"))
+        k.store.heal()
+        assert k.stored("Incoming/a") == b"A" and k.stored("Incoming/a.part") is None
+        assert await k.core.drain(0.1) == []
+        k.store.add("Incoming/a", b"BB")
+        ttl_passes(k.core)
+        assert await k.listing("Incoming") == {"a": 2}
+    run(test, tmp_path)
+
+
+def test_read_only_creator_does_not_hold_back_the_writers_close(tmp_path):
+    """M24c: `a` created O_RDONLY|O_CREAT and kept open; `echo x > a` (open O_WRONLY|O_TRUNC,
+    write, close): that close returns 0 without publishing; `a` goes up only when the
+    read-only descriptor is closed. Promised: a descriptor open for reading never holds a
+    publish back; the writer's close returns once `a` is in S3."""
+    async def test(k):
+        fh = await k.create("Incoming/a", os.O_RDONLY | os.O_CREAT)
+        fh2 = await k.open("Incoming/a", os.O_WRONLY | os.O_TRUNC)
+        await k.core.write(fh2, 0, b"x")
+        await k.close(fh2)
+        assert k.stored("Incoming/a") == b"x"
+        await k.close(fh)
+    run(test, tmp_path)
+
+
+def test_open_file_renamed_to_a_temporary_name_is_kept(tmp_path):
+    """M27: `a` (in S3) open read-write, unchanged, `mv a a.part`, close: `a` left S3 (right:
+    temporary names are kept back) but at the release the copy is dropped as "unchanged":
+    `a.part` vanishes from the mount, and the file is gone everywhere. Promised: renamed to
+    a temporary name, it is kept back (shown, sent when renamed to a final name)."""
+    async def test(k):
+        k.store.add("Incoming/a", b"A")
+        fh = await k.open("Incoming/a", os.O_RDWR)
+        await k.rename("Incoming/a", "Incoming/a.part")
+        await k.close(fh)
+        assert await k.listing("Incoming") == {"a.part": 1}
+        await k.rename("Incoming/a.part", "Incoming/b")
+        assert k.stored("Incoming/b") == b"A" and set(k.store.objects) == {"Incoming/b"}
+    run(test, tmp_path)
