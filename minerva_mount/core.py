@@ -221,6 +221,7 @@ class Core(FileOps, Renames):
                 return
             require_writable(node.path, "truncate")
             f = await self._hold(node, keep=True)
+        before = (f.size, f.state, f.dirty, f.created_empty)
         try:
             await self.files.settle(f)
             if f.upload is not None:
@@ -237,6 +238,9 @@ class Core(FileOps, Renames):
         except MinervaError:
             if made:  # a refused truncate changes nothing: the copy made for it goes
                 self.files.discard(f)
+            elif f.staged is not None and f.size > before[0] and f.writers == 0:
+                await f.staged.truncate(before[0])  # a growth is undone (a shrink cannot be)
+                self.files.restore(f, *before[1:])
             raise
 
     # ----- folders ------------------------------------------------------------------

@@ -118,13 +118,14 @@ class FileOps:
         if truncate and f.size:
             await f.staged.truncate(0)
             self.files.changed(f)
-        if not created and (flags & os.O_TRUNC or flags & os.O_ACCMODE == os.O_WRONLY):
-            f.created_empty = False  # opened to be written: a file the program wants
-        if created and f.opens == 0 and f.in_s3 is None:
+        if not created and flags & os.O_TRUNC:
+            self.files.wanted(f)  # opened to be written anew (`: > f`): a file the program wants
+        if (created and f.opens == 0 and f.in_s3 is None and flags & os.O_ACCMODE != os.O_WRONLY
+                and not flags & os.O_TRUNC):
             # Created as a side effect (read-write or read-only, without O_TRUNC: fallocate,
             # `exec 3<>f`, vim's probe) and never written: not sent at close (LocalFiles.publish).
             # `touch` (write-only) and `open(f, "w+")` (O_TRUNC) mean an empty file: sent.
-            f.created_empty = flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC
+            self.files.side_effect(f)
         node.size = f.size
         # A read-only creator (open(O_CREAT | O_RDONLY)) is a reader: it never holds back a
         # writer's close, and its own close sends nothing (the file is kept back, or sent

@@ -6,16 +6,31 @@ request. `ls -l` of a folder of N objects thus costs ceil(N / 1000) LIST and no 
 second one within the TTL costs nothing.
 
 Changes made elsewhere (a pipeline writing exports into Outgoing/) reach the mount because
-folders in use (an open directory handle, or listed within `watch_window`) are re-listed every
-`refresh_interval` by `refresh_loop`. Every new listing is compared with the one before it,
-and what the kernel may hold in its caches is reported as a `Change` on the bounded channel
+folders in use (an open directory handle, or opened within `watch_window`) are re-listed in
+the background by `refresh_loop`. Every new listing is compared with the one before it, and
+what the kernel may hold in its caches is reported as a `Change` on the bounded channel
 `changes`; the FUSE adapter turns those into kernel invalidations. Only what the kernel can
 hold is reported: nodes it knows (removed or changed) and names it was told are absent.
+
+How often, and why (issue 12: far from the region every LIST is a WAN round trip, and a
+folder of 100,000 objects moves ~25 MB per listing). Re-listing every folder in use every
+`refresh_interval` cost 80 LISTs per folder per ten minutes, almost all finding nothing new.
+Now a folder is re-listed `refresh_interval` (10 s) after its last listing, and each listing
+that finds it unchanged doubles the wait, up to 30 s while it is open (OPEN_BOUND: the
+metadata TTL, which bounds what any other folder may show) and 300 s once closed
+(IDLE_BOUND). A change, a change made through the mount, or a new opendir starts again at
+10 s. A folder of P > 1 LIST pages waits at least P x 30 s (so an open folder of any size
+costs at most one page per 30 s on average), one of more than 10 pages (10,000 entries) is not
+re-listed in the background at all (the next use after the TTL lists it), and all background
+listing together spends at most 60 pages a minute (BUDGET, 10 at once after a quiet spell),
+open folders first. An open unchanged folder of 1,000 objects thus costs 22 LISTs in ten
+minutes (its opening LIST and re-lists at 10, 30, 60, 90 ... 600 s), not 81; a short look
+at one costs 5 after its own (at 10, 30, 70, 150 and 310 s), not 80.
 """
 
 import contextlib
 import logging
-import time
+import math
 from dataclasses import dataclass
 
 import cachetools
@@ -31,6 +46,15 @@ DIR = None  # a listing entry that is a folder
 GONE = object()  # for `update`: the name was removed
 MISSING = False  # no such name in the folder (a lookup answer; DIR, None, is a folder)
 Entries = dict[str, ObjectInfo | None]
+
+PAGE = 1000  # entries per LIST page
+OPEN_BOUND = 30.0  # seconds: the longest wait between re-lists of an open folder of one page
+IDLE_BOUND = 300.0  # seconds: the longest wait for a closed folder still in use
+PAGE_SPACING = 30.0  # seconds per page: a folder of P pages waits at least P x this
+MAX_PAGES = 10  # folders of more pages are re-listed only when used (after the TTL)
+BUDGET = 60  # background LIST pages per minute, all folders together
+BURST = 10  # pages the budget lets through at once after a quiet spell
+PAGE_COST = 60.0 / BUDGET  # seconds of budget one page uses
 
 
 @dataclass(frozen=True)
@@ -89,8 +113,14 @@ class ListingCache(cachetools.TTLCache):
         self._pending = pending  # paths being written: their size is the writer's, not S3's
         self._inflight: dict[str, _Fetch] = {}
         self._known: cachetools.LRUCache = cachetools.LRUCache(maxsize)  # last listing seen
-        self._listed_at: cachetools.LRUCache = cachetools.LRUCache(maxsize)
-        self._recent: cachetools.TTLCache = cachetools.TTLCache(watch_max, watch_window)
+        # The refresher's schedule, on trio's clock (tests drive it with a MockClock):
+        self._checked_at: cachetools.LRUCache = cachetools.LRUCache(maxsize)  # last LIST's start
+        self._unchanged: cachetools.LRUCache = cachetools.LRUCache(maxsize)  # listings alike in a row
+        self._recent: cachetools.TTLCache = cachetools.TTLCache(watch_max, watch_window,
+                                                                timer=trio.current_time)
+        self._base = 10.0  # refresh_interval, set by refresh_loop
+        self._budget_at = -math.inf  # when the background budget is spent up to (GCRA)
+        self._wake = trio.Event()  # a new use: the refresher looks at its schedule again
         self._open: dict[int, str] = {}  # directory handle -> folder
         self._absent: cachetools.TTLCache = cachetools.TTLCache(channel_size, ttl)  # negative entries
         self._send, self.changes = trio.open_memory_channel[Change](channel_size)
@@ -107,6 +137,7 @@ class ListingCache(cachetools.TTLCache):
                 raise fetch.error
             return fetch.entries
         fetch = self._inflight[dir_path] = _Fetch()
+        started = trio.current_time()
         try:
             listing = await self._store.list_dir(dir_path + "/" if dir_path else "")
             fetch.entries = self._convert(dir_path, listing)
@@ -121,12 +152,14 @@ class ListingCache(cachetools.TTLCache):
             if self._inflight.get(dir_path) is fetch:
                 del self._inflight[dir_path]
         if not fetch.stale:
-            self._store_listing(dir_path, fetch.entries)
+            self._store_listing(dir_path, fetch.entries, started)
         return fetch.entries
 
     def forget(self, dir_path: str) -> None:
         """The folder changed through the mount: the next use lists it again."""
         self.version += 1
+        self._unchanged.pop(dir_path, None)
+        self._wake.set()
         self.pop(dir_path, None)
         if (fetch := self._inflight.get(dir_path)) is not None:
             fetch.stale = True
@@ -140,6 +173,8 @@ class ListingCache(cachetools.TTLCache):
         if (fetch := self._inflight.get(dir_path)) is not None:
             fetch.stale = True
         self.version += 1
+        self._unchanged.pop(dir_path, None)  # the folder is in use: re-list it soon again
+        self._wake.set()
         entries = self.get(dir_path)  # patched in place: its age (TTL) stays that of the LIST
         if entries is None:
             return
@@ -168,8 +203,11 @@ class ListingCache(cachetools.TTLCache):
                 self._send.send_nowait(Change("removed", parent.inode, name, inode))
 
     def opened(self, fh: int, dir_path: str) -> None:
+        """A new use: the folder is watched for `watch_window`, re-listed 10 s on at first."""
         self._open[fh] = dir_path
         self._recent[dir_path] = True
+        self._unchanged.pop(dir_path, None)
+        self._wake.set()
 
     def closed(self, fh: int) -> None:
         self._open.pop(fh, None)
@@ -180,36 +218,85 @@ class ListingCache(cachetools.TTLCache):
         """Folders in use: open now, or listed within the watch window (bounded)."""
         return sorted(set(self._recent.keys()) | set(self._open.values()))
 
+    def pages(self, dir_path: str) -> int:
+        """LIST pages the folder's last listing took (1 if never listed)."""
+        return max(1, -(-len(self._known.get(dir_path) or ()) // PAGE))
+
+    def interval(self, dir_path: str, is_open: bool) -> float:
+        """Seconds from the start of one LIST of `dir_path` to the next background one."""
+        cap = max(self._base, OPEN_BOUND if is_open else IDLE_BOUND)
+        wait = min(self._base * 2 ** min(self._unchanged.get(dir_path, 0), 16), cap)
+        pages = self.pages(dir_path)
+        return wait if pages == 1 else max(wait, pages * PAGE_SPACING)
+
+    def due(self, now: float) -> tuple[list[str], float]:
+        """Folders due for a background LIST, open ones first, then the longest overdue; and
+        when the next of the others falls due."""
+        open_now = set(self._open.values())
+        due, next_at = [], math.inf
+        for dir_path in self.watched():
+            if self.pages(dir_path) > MAX_PAGES:
+                continue
+            checked = self._checked_at.get(dir_path)
+            at = -math.inf if checked is None else checked + self.interval(dir_path, dir_path in open_now)
+            if at <= now:
+                due.append((dir_path not in open_now, at, dir_path))
+            else:
+                next_at = min(next_at, at)
+        return [dir_path for *_, dir_path in sorted(due)], next_at
+
     async def refresh_once(self, min_age: float = 0.0) -> int:
-        """Re-list every folder in use last listed at least `min_age` seconds ago."""
+        """Re-list every folder in use last listed at least `min_age` seconds ago (no backoff,
+        no budget: for tests and callers that want it now)."""
         count = 0
         for dir_path in self.watched():
-            listed = self._listed_at.get(dir_path)
-            if listed is not None and time.monotonic() - listed < min_age:
+            checked = self._checked_at.get(dir_path)
+            if checked is not None and trio.current_time() - checked < min_age:
                 continue
-            try:
-                await self.fetch(dir_path)
+            if await self._relist(dir_path):
                 count += 1
-            except MinervaError as exc:
-                log.warning("could not re-list %s: %s", dir_path or "/", exc)
         return count
 
     async def refresh_loop(self, interval: float) -> None:
-        """Re-list folders in use so that changes made elsewhere show within `interval`."""
-        interval = max(interval, 0.2)
-        tick = interval / 4
+        """Re-list folders in use on the schedule the module docstring states: `interval`
+        after a listing, doubling while unchanged, within the budget."""
+        self._base = max(interval, 0.2)
         while True:
-            await trio.sleep(tick)
-            await self.refresh_once(interval - tick)
+            now = trio.current_time()
+            due, next_at = self.due(now)
+            if not due:
+                with trio.move_on_at(next_at):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            if self._budget_at - BURST * PAGE_COST > now:
+                await trio.sleep_until(self._budget_at - BURST * PAGE_COST)
+                continue  # what is due may have changed meanwhile
+            self._budget_at = max(self._budget_at, now) + self.pages(due[0]) * PAGE_COST
+            await self._relist(due[0])
+
+    async def _relist(self, dir_path: str) -> bool:
+        started = trio.current_time()
+        try:
+            await self.fetch(dir_path)
+            return True
+        except MinervaError as exc:
+            self._unchanged[dir_path] = self._unchanged.get(dir_path, 0) + 1  # back off failing too
+            log.warning("could not re-list %s: %s", dir_path or "/", exc)
+            return False
+        finally:  # also when the answer was not kept (changed meanwhile): not again at once
+            self._checked_at[dir_path] = max(self._checked_at.get(dir_path, started), started)
 
     # ----- comparing listings ---------------------------------------------------------------
 
-    def _store_listing(self, dir_path: str, entries: Entries) -> None:
+    def _store_listing(self, dir_path: str, entries: Entries, started: float) -> None:
         before = self._known.get(dir_path)
+        alike = before is not None and before == entries
+        self._unchanged[dir_path] = self._unchanged.get(dir_path, 0) + 1 if alike else 0
+        self._checked_at[dir_path] = started
         self.version += 1
         self[dir_path] = entries
         self._known[dir_path] = entries
-        self._listed_at[dir_path] = time.monotonic()
         parent = self._inodes.find(dir_path)
         if parent is None or not parent.is_dir:
             return  # the kernel holds nothing below a folder it does not know

@@ -197,6 +197,19 @@ class LocalFiles:
         f.dirty = True
         self._update_idle()
 
+    def restore(self, f: LocalFile, state: State, dirty: bool, created_empty: bool) -> None:
+        """Back to where a refused call found it (a truncate whose publish failed, undone)."""
+        f.state, f.dirty, f.created_empty, f.error = state, dirty, created_empty, None
+        self._update_idle()
+
+    def side_effect(self, f: LocalFile) -> None:
+        """Created without the intent to write it: kept back unless written, truncated or renamed."""
+        f.created_empty = True
+
+    def wanted(self, f: LocalFile) -> None:
+        """Opened to be written anew: sent at its close even if empty."""
+        f.created_empty = False
+
     def discard(self, f: LocalFile) -> None:
         """A held copy made for a call that failed: gone, as if the call had not been made."""
         self._drop(f)
@@ -251,6 +264,8 @@ class LocalFiles:
             self.detach(old)
         del self._by_path[f.path]
         f.path = dst
+        if not is_temporary(dst):
+            f.created_empty = False  # given a final name: a file the user wants there
         if f.upload is not None:
             f.upload.path = dst
         if f.staged is not None:

@@ -38,17 +38,30 @@ def area_of(path: str) -> Area:
     return Area.INCOMING if top == INCOMING else Area.READ_ONLY
 
 
+# Refusals that are expected probes, not failures: a desktop's "move to trash" (GIO, KIO)
+# tries to mkdir .Trash-UID (after looking for .Trash) at the top of the mount, and on a
+# refusal offers to delete instead (SEMANTICS.md, "Trash: none"). Logged at INFO, so `status`
+# does not list each trashing as a recent failure; any other refusal stays a WARNING.
+EXPECTED_PROBES = re.compile(r"\.Trash(-\d+)?")
+
+
+def _refused(path: str, what: str, why: str) -> None:
+    probe = what == "mkdir" and EXPECTED_PROBES.fullmatch(path.rsplit("/", 1)[-1])
+    level = logging.INFO if probe else logging.WARNING
+    log.log(level, "refused %s of %s: %s", what, path or "/", why)
+
+
 def require_writable(path: str, what: str) -> None:
     """Refuse creating or changing file content outside Incoming/ with EACCES, logged."""
     if area_of(path) is not Area.INCOMING:
-        log.warning("refused %s of %s: only Incoming/ takes new files", what, path or "/")
+        _refused(path, what, "only Incoming/ takes new files")
         raise AccessDenied(f"{what} {path}: only Incoming/ is writable")
 
 
 def require_changeable(path: str, what: str) -> None:
     """Refuse unlink/mkdir/rmdir/rename at the mount root (Incoming/Outgoing stay)."""
     if area_of(path) is Area.ROOT:
-        log.warning("refused %s of %s: the mount root is fixed", what, path or "/")
+        _refused(path, what, "the mount root is fixed")
         raise AccessDenied(f"{what} {path}: the mount root cannot be changed")
 
 

@@ -142,14 +142,12 @@ class Renames:
         if left_s3:
             self.files.unsent(f)  # held under the temporary name even if unchanged
         if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
-            f.created_empty = False  # renamed to a final name: the user wants it there
-            f.state = State.STAGED
             try:
                 await self.files.publish(f)
             except MinervaError:
                 if self.files.get(dst) is f:  # keep it, under its old name, for a retry
                     self.files.renamed(f, src)
-                    f.state = State.KEPT_BACK
+                    self.files.restore(f, State.KEPT_BACK, True, f.created_empty)
                 raise
 
     async def _rename_dir(self, src: str, dst: str, target) -> None:

@@ -8,7 +8,12 @@ Each test asserts what the user sees and the S3 requests it cost, read from the 
 import errno
 import json
 import os
+import random
+import re
+import struct
 import subprocess
+import sys
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -312,3 +317,56 @@ def test_recently_listed_subfolder_is_kept_fresh(local_minerva, mount_factory):
         assert sorted(os.listdir(daily)) == ["2026-01-01.csv", "2026-01-02.csv"]
     finally:
         delete_all(local_minerva, "Outgoing/daily")
+
+
+# ----- what a file manager costs far away (issue 12) -------------------------------------------
+
+
+def png(side: int, seed: int) -> bytes:
+    """A valid RGB PNG of noise, side x side: about 3 x side^2 bytes (noise does not compress)."""
+    rng = random.Random(seed)
+    rows = b"".join(b"\0" + rng.randbytes(3 * side) for _ in range(side))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 1))
+            + chunk(b"IEND", b""))
+
+
+def test_thumbnails_of_a_folder_of_40_images_cost_one_get_each(desktop, local_minerva, tmp_path):
+    # 30 kB to 1.4 MB, some over one 1 MiB block, as in a folder of photos and screenshots.
+    images = {f"Outgoing/photos/img{i:02d}.png": png(100 + 15 * i, i) for i in range(40)}
+    for key, data in images.items():
+        local_minerva.put(key, data)
+    photos = desktop.path / "Outgoing" / "photos"
+
+    def thumbnail_all():  # what GNOME Files does for a folder shown as icons
+        assert sorted(os.listdir(photos)) == sorted(key.rsplit("/", 1)[1] for key in images)
+        for i, key in enumerate(images):
+            out = tmp_path / f"thumb{i:02d}.png"
+            run("gdk-pixbuf-thumbnailer", "-s", "128", str(desktop.path / key), str(out))
+            assert out.read_bytes().startswith(b"\x89PNG")
+    spent = cost(desktop, thumbnail_all)
+    # One GET per image, all of it (80 before: the head read exactly, then again in its block).
+    assert spent["get"] == 40 and spent["head"] == 0, spent
+
+
+def test_a_move_to_trash_is_no_failure_in_the_log_or_in_status(desktop, local_minerva):
+    local_minerva.put("Incoming/old.csv", b"1,2\n")
+    target = desktop.path / "Incoming" / "old.csv"
+    for _ in range(2):  # each "move to trash" probes again
+        result = run("gio", "trash", str(target), ok=False)
+        assert "Unable to find or create trash directory" in result.stderr
+    probes = [line for line in desktop.log().splitlines() if "refused mkdir of .Trash" in line]
+    assert len(probes) >= 2 and all(re.search(r" INFO minerva\.namespace: ", line) for line in probes), probes
+    status = subprocess.run([sys.executable, "-m", "minerva_mount", "status", str(desktop.path), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert not [f for f in json.loads(status.stdout)["recent_failures"] if ".Trash" in f["message"]]
+    with pytest.raises(PermissionError):  # a real refusal is still one
+        os.mkdir(desktop.path / "Reports")
+    status = subprocess.run([sys.executable, "-m", "minerva_mount", "status", str(desktop.path), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert [f["level"] for f in json.loads(status.stdout)["recent_failures"]
+            if "refused mkdir of Reports" in f["message"]] == ["WARNING"]
