@@ -112,7 +112,8 @@ SETTINGS = (
     Setting("metadata_ttl", float, 30.0,
             "seconds folder listings and attributes are trusted without asking S3"),
     Setting("refresh_interval", float, 10.0,
-            "seconds between re-listings of folders in use, so changes made elsewhere show"),
+            "seconds before a folder in use is re-listed, so changes made elsewhere show (then less "
+            "often while it is unchanged: SEMANTICS.md, Consistency)"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 DEFAULTS = {s.name: s.default for s in SETTINGS}  # as written in SETTINGS (unconverted: "~/minerva")
