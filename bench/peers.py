@@ -40,8 +40,20 @@ RCLONE_WRITE = ("--vfs-cache-mode", "writes", "--vfs-write-back", "0s")
 
 
 
-def fuse_unmount(path: Path, lazy: bool = False) -> None:
+def mounted(path: Path) -> bool:
+    """Also true for a FUSE mount whose daemon died ("Transport endpoint is not connected"),
+    which os.path.ismount misses: its lstat fails."""
     if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == str(path) for line in f)
+    except OSError:
+        return False
+
+
+def fuse_unmount(path: Path, lazy: bool = False) -> None:
+    if mounted(path):
         flags = "-uz" if lazy else "-u"
         subprocess.run(["fusermount3", flags, str(path)], check=False, capture_output=True)
 
@@ -133,7 +145,7 @@ class Mount:
     def unmount(self) -> None:
         """As a user would (fusermount3 -u; the daemon then exits); if the mount is busy or the
         daemon does not exit, SIGTERM it and detach the mount lazily."""
-        if os.path.ismount(self.path):
+        if mounted(self.path):
             done = subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
             if done.returncode:
                 stop_process(self.proc, 10)
@@ -168,6 +180,9 @@ class Peer:
     cleanup: Cleanup
     extra: tuple[str, ...] = ()
     count: int = field(default=0, init=False)
+    #: Where the command runs: for minerva-mount, whose `python -m minerva_mount` imports the
+    #: package from there (bench/wan.py points it at an export of a commit).
+    cwd: Path = field(default=REPO, init=False)
     notes: list[str] = field(default_factory=list, init=False)
 
     def command(self, path: Path, run_dir: Path) -> tuple[list[str], dict[str, str]]:
@@ -184,7 +199,7 @@ class Peer:
         argv, env = self.command(path, run_dir)
         log = run_dir / "log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
                                     start_new_session=True)
         mount = self.cleanup.add(Mount(self.name, path, proc, log))
 
@@ -217,9 +232,10 @@ class Peer:
 
 
 class MinervaPeer(Peer):
-    def __init__(self, server, work, cleanup, extra=()):
+    def __init__(self, server, work, cleanup, extra=(), src: Path = REPO):
         super().__init__("minerva-mount", server, work, cleanup, tuple(extra))
-        helptext = subprocess.run([sys.executable, "-m", "minerva_mount", "--help"], cwd=REPO,
+        self.cwd = src
+        helptext = subprocess.run([sys.executable, "-m", "minerva_mount", "--help"], cwd=src,
                                   capture_output=True, text=True).stdout
         self.fresh_cache = "--cache-dir" in helptext and "--cache-dir" not in self.extra
         if self.fresh_cache:

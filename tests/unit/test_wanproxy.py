@@ -7,6 +7,7 @@ its delay has passed.
 """
 
 import contextlib
+import importlib.util
 import random
 import socket
 import struct
@@ -17,10 +18,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import wanproxy  # noqa: E402
-from wanproxy import HttpRequests, Link, ProxyThread, Stats, TestServer  # noqa: E402
+# bench/ is not a package, and putting it on sys.path would let its run.py, report.py, ...
+# shadow other modules: load the one file by path.
+_spec = importlib.util.spec_from_file_location(
+    "wanproxy", Path(__file__).resolve().parents[2] / "bench" / "wanproxy.py")
+wanproxy = importlib.util.module_from_spec(_spec)
+sys.modules["wanproxy"] = wanproxy
+_spec.loader.exec_module(wanproxy)
+HttpRequests, Link, ProxyThread, Stats, TestServer = (
+    wanproxy.HttpRequests, wanproxy.Link, wanproxy.ProxyThread, wanproxy.Stats, wanproxy.TestServer)
 
 DELAY = 0.005  # one way, seconds
 RATE = 200e6 / 8  # bytes per second
