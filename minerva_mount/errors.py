@@ -96,3 +96,45 @@ class CredentialError(MinervaError):
     def __init__(self, message: str, *, fatal: bool = False, err: int | None = None):
         super().__init__(message, err=err)
         self.fatal = fatal
+
+
+class NoData(MinervaError):
+    """No such extended attribute (a `user.*` name we do not have)."""
+
+    errno = errno.ENODATA
+
+
+class XattrNotSupported(MinervaError):
+    """Extended attributes of other namespaces, or setting one: S3 objects carry none."""
+
+    errno = errno.ENOTSUP
+
+
+class ReadOnlyAttribute(MinervaError):
+    """A user.minerva.* status attribute: read-only."""
+
+    errno = errno.EPERM
+
+
+class NotSequential(MinervaError):
+    """A write out of order on a file streamed front to back (writer.Upload)."""
+
+    errno = errno.EOPNOTSUPP
+
+
+class ObjectChanged(StoreError):
+    """The object's ETag no longer matches the one a read started with."""
+
+
+class UnsafePath(PermissionError):
+    """A folder or file another user could control: not used (safepaths.py). `path` is the one
+    refused, `reason` why ("is a symlink", "is owned by uid N, not you (uid M)", ...). An
+    OSError, so callers that open paths handle it with the other OSErrors."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(errno.EACCES, f"{path} {reason}; refusing to use it")
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.strerror

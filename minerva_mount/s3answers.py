@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import botocore.exceptions
 import botocore.utils
 
-from .errors import AccessDenied, MinervaError, NotFound, StoreError
+from .errors import AccessDenied, MinervaError, NotFound, ObjectChanged, StoreError
 
 log = logging.getLogger("minerva.store")
 
@@ -46,10 +46,6 @@ class Listing:
 
     files: list[ObjectInfo]
     dirs: list[str]
-
-
-class ObjectChanged(StoreError):
-    """The object's ETag no longer matches the one a read started with."""
 
 
 def parse_timestamp(text: str) -> datetime.datetime:

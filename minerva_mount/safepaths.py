@@ -32,21 +32,12 @@ import os
 import stat
 from pathlib import Path
 
+from .errors import UnsafePath  # noqa: F401 (callers import it from here too)
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
-class UnsafePath(PermissionError):
-    """A folder or file another user could control: not used. `path` is the one refused,
-    `reason` why ("is a symlink", "is owned by uid N, not you (uid M)", ...)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(errno.EACCES, f"{path} {reason}; refusing to use it")
-        self.path = path
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 def open_private_dir(path: str | Path, create: bool = True) -> int:

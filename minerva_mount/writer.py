@@ -10,15 +10,11 @@ import time
 
 import trio
 
-from .errors import MinervaError, StoreError
+from .errors import MinervaError, NotSequential, StoreError  # noqa: F401 (fileops imports it here)
 from .multipart import MultipartSender, part_size
 from .store import MTIME_META
 
 log = logging.getLogger("minerva.writer")
-
-
-class NotSequential(MinervaError):
-    errno = 95  # EOPNOTSUPP
 
 
 class Upload:

@@ -17,28 +17,15 @@ What a user or a script can read with getfattr:
   (what tests and benchmarks read before and after an operation).
 """
 
-import errno
 import json
 
-from .errors import MinervaError, NotFound
+from .errors import NoData, NotFound, ReadOnlyAttribute, XattrNotSupported
 from .localfiles import State
 from .namespace import ROOT_INODE
 
 PREFIX = "user.minerva."
 STATE, ETAG, REQUESTS = PREFIX + "state", PREFIX + "etag", PREFIX + "requests"
 USER = b"user."  # the only namespace this file system has names in
-
-
-class NoData(MinervaError):
-    errno = errno.ENODATA
-
-
-class NotSupported(MinervaError):
-    errno = errno.ENOTSUP
-
-
-class ReadOnly(MinervaError):
-    errno = errno.EPERM
 
 
 def _values(core, inode: int) -> dict[str, str]:
@@ -64,7 +51,7 @@ def _values(core, inode: int) -> dict[str, str]:
 
 def _require_user(name: bytes) -> None:
     if not name.startswith(USER):
-        raise NotSupported(f"no {name.decode('utf-8', 'replace').split('.')[0]}.* attributes here")
+        raise XattrNotSupported(f"no {name.decode('utf-8', 'replace').split('.')[0]}.* attributes here")
 
 
 def get(core, inode: int, name: bytes) -> bytes:
@@ -81,12 +68,12 @@ def names(core, inode: int) -> list[bytes]:
 
 def set_(name: bytes) -> None:
     if name.startswith(PREFIX.encode()):
-        raise ReadOnly(f"{name.decode('utf-8', 'replace')} is a read-only status attribute")
-    raise NotSupported("S3 objects carry no extended attributes")
+        raise ReadOnlyAttribute(f"{name.decode('utf-8', 'replace')} is a read-only status attribute")
+    raise XattrNotSupported("S3 objects carry no extended attributes")
 
 
 def remove(name: bytes) -> None:
     if name.startswith(PREFIX.encode()):
-        raise ReadOnly(f"{name.decode('utf-8', 'replace')} is a read-only status attribute")
+        raise ReadOnlyAttribute(f"{name.decode('utf-8', 'replace')} is a read-only status attribute")
     _require_user(name)
     raise NoData(name.decode("utf-8", "replace"))
