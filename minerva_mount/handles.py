@@ -11,7 +11,7 @@ close publishes) is decided by Core with localfiles.py, the owner of every held 
 
 from dataclasses import dataclass
 
-from .errors import Busy, NotPermitted
+from .errors import Busy, NotFound, NotPermitted, StoreError
 from .localfiles import LocalFile, LocalFiles, State
 from .namespace import Node
 from .reader import Reader
@@ -41,7 +41,10 @@ class ReadHandle(Handle):
     reader: Reader | None = None
 
     async def read(self, offset: int, size: int):
-        return await self.reader.read(offset, size)
+        try:
+            return await self.reader.read(offset, size)
+        except NotFound:  # deleted while open: read(2) has no ENOENT; the object is gone (EIO)
+            raise StoreError(f"{self.node.path} was deleted while open for reading") from None
 
 
 @dataclass(eq=False)

@@ -96,6 +96,25 @@ if StagingArea is not None:
             super().__init__(folder_fd)
             self.mode: str | None = None
             self.refusals = 0
+            self._made: list[tuple[int, int]] = []  # (fd, inode) of every staging file
+
+        def new_file(self) -> int:
+            fd = super().new_file()
+            self._made.append((fd, os.fstat(fd).st_ino))
+            return fd
+
+        def close(self) -> None:
+            """After the example: close the staging files Core still holds (kept-back files
+            live until the daemon ends) and the folder, so thousands of examples do not run
+            out of descriptors."""
+            for fd, ino in self._made:
+                with contextlib.suppress(OSError):
+                    st = os.fstat(fd)
+                    if st.st_ino == ino and st.st_nlink == 0:
+                        os.close(fd)
+            self._made.clear()
+            with contextlib.suppress(OSError):
+                os.close(self.folder_fd)
 
         def pwrite(self, fd: int, data, offset: int) -> int:
             if self.mode == "enospc" and len(data):
@@ -179,10 +198,8 @@ class TrioThread:
             raise
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
-        except trio.RunFinishedError:
-            pass
         self._thread.join()
         if self._error is not None:
             raise self._error

@@ -39,6 +39,7 @@ What is checked
 Where the model makes a choice the documents leave open, it says so (search "PROMISE").
 """
 
+import contextlib
 import errno
 import functools
 import os
@@ -50,8 +51,16 @@ import trio.testing
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
-from model_support import (KINDS, PART, ModelStore, TrioThread, make_core, quiet_logs, set_small_parts,
-                           ttl_passes)
+from model_support import (
+    KINDS,
+    PART,
+    ModelStore,
+    TrioThread,
+    make_core,
+    quiet_logs,
+    set_small_parts,
+    ttl_passes,
+)
 
 from minerva_mount.errors import MinervaError
 from minerva_mount.namespace import ROOT_INODE
@@ -174,7 +183,6 @@ class CoreModel(RuleBasedStateMachine):
         self.unreleased: list[Fh] = []  # last descriptor closed, RELEASE not sent yet
         self.fired_seen = 0
         self.broken = False
-        self.concurrent = False
         self.disk = None  # the FillingDisk staging area, when Core takes one
         self.loop = TrioThread(self._make_core)
         self.core = self.loop.value
@@ -196,6 +204,8 @@ class CoreModel(RuleBasedStateMachine):
                 self.loop.run(self._finish)
         finally:
             self.loop.close()
+            if self.disk is not None:
+                self.disk.close()
 
     # ----- running one step -----------------------------------------------------------
 
@@ -208,10 +218,8 @@ class CoreModel(RuleBasedStateMachine):
     async def _step(self, afn, args):
         # A step that does not end is a failure too (a wait that nothing ends).
         with trio.fail_after(STEP_TIMEOUT):
-            try:
+            with contextlib.suppress(Done):
                 await afn(*args)
-            except Done:
-                pass
             # Core's background tasks (parts going up) run to where they wait before the
             # next step, so every step sees the same interleaving whatever the threads do.
             await trio.testing.wait_all_tasks_blocked()
@@ -246,8 +254,8 @@ class CoreModel(RuleBasedStateMachine):
             CALLS.append((what.split()[0], show(err)))
             injected = self.faults() > faults or any(f.tainted for f in files)
             if not (err in (E.EIO, E.ENOSPC) and injected):
-                assert err in allowed, (f"{what}: {show(err)} ({exc}); the model expects "
-                                        f"{'success or ' if success else ''}{show(allowed) if allowed else ''}")
+                expected = ("success or " if success else "") + (show(allowed) if allowed else "")
+                assert err in allowed, f"{what}: {show(err)} ({exc}); the model expects {expected}"
             if on_fail is not None:
                 on_fail(err)
             raise Done from None
@@ -366,7 +374,8 @@ class CoreModel(RuleBasedStateMachine):
             assert have in want, f"store: {key!r} holds {have!r}; the model allows {sorted(want, key=repr)}"
         for kind, key in self.store.writes:
             # (A CopyObject may move an object that has such a name with its folder.)
-            assert kind == "copy" or not temporary(key), f"store: the mount sent {kind} of {key!r}, a temporary name"
+            assert kind == "copy" or not temporary(key), \
+                f"store: the mount sent {kind} of {key!r}, a temporary name"
 
     async def _check_listings(self) -> None:
         for dir_path in sorted(self.dirs):
@@ -474,9 +483,9 @@ class CoreModel(RuleBasedStateMachine):
                              success=success, files=[f])
         if flags & os.O_TRUNC and f.data:
             f.set(b"")
-        if flags & os.O_TRUNC or flags & os.O_ACCMODE == os.O_WRONLY:
-            # An O_TRUNC or write-only open means the file (`exec 3<>f; : > f`): it is no
-            # longer a side effect kept back (M25, the lead's choice in 876694d).
+        if flags & os.O_TRUNC:
+            # An O_TRUNC open means the file (`exec 3<>f; : > f`): it is no longer a side
+            # effect kept back (M25; fileops.py `wanted`). Other opens leave it kept back.
             f.side_effect = False
         self._add_fh(fh, inode, f, mode, created=False)
 
@@ -646,7 +655,8 @@ class CoreModel(RuleBasedStateMachine):
         try:
             await self.core.release(h.fh)
         except MinervaError as exc:
-            raise AssertionError(f"release fh {h.fh} of {f.path}: {exc!r}") from None  # (the kernel ignores it)
+            # (The kernel ignores RELEASE's answer: nothing may fail there.)
+            raise AssertionError(f"release fh {h.fh} of {f.path}: {exc!r}") from None
         # SEMANTICS: close publishes; with every close known to be the last or not (still_open),
         # nothing is left for the release to send.
         assert (len(self.store.writes), self.store.requests["delete"]) == sent, \
@@ -683,7 +693,8 @@ class CoreModel(RuleBasedStateMachine):
         elif self.stream_past_first_part(f) and size != len(f.data):
             allowed = {E.EOPNOTSUPP}
         await self.call(f"truncate {path} to {size}", allowed,
-                        functools.partial(self.core.setattr, node.inode, size=size), success=success, files=[f])
+                        functools.partial(self.core.setattr, node.inode, size=size), success=success,
+                        files=[f])
         self._truncated(f, size)
         if f.unsent() and not self.open_writers(f) and not self.kept_back(f):
             # PROMISE: truncate by path of a file nobody holds open for writing is in S3 when
@@ -778,10 +789,11 @@ class CoreModel(RuleBasedStateMachine):
             f.published = None
             return
         f.side_effect = False  # SEMANTICS: sent if renamed (to a final name)
-        if f.unsent() and self.open_writers(f):
-            # Sent at its last writer's close; meanwhile S3 may hold what it held, or the
-            # file's last sent content.
+        if self.open_writers(f):
+            # Sent at its last writer's close (which the model now requires); meanwhile S3 may
+            # hold what it held, or the file's last sent content (copied).
             self.expect(dst, *(before_dst | {None, f.published}))
+            f.published = None
         elif f.unsent():
             # A closed file held here (kept back) goes up under its final name now.
             self.expect(dst, bytes(f.data))
@@ -951,11 +963,10 @@ class CoreModel(RuleBasedStateMachine):
         for kind in ("put", "complete_multipart"):
             self.store.gates[kind] = gate
             self.store.arrived.pop(kind, None)
-        self.concurrent = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(functools.partial(self._part, self._close, i, False, done=closed))
-                while not closed.is_set() and not any(k in self.store.arrived for k in ("put", "complete_multipart")):
+                while not closed.is_set() and not self.store.arrived:
                     await trio.sleep(0)
                 # SEMANTICS: a rename or unlink while a file is being published waits for it,
                 # then applies to its result.
@@ -967,7 +978,6 @@ class CoreModel(RuleBasedStateMachine):
                     await trio.sleep(0)
                 gate.set()
         finally:
-            self.concurrent = False
             for kind in ("put", "complete_multipart"):
                 self.store.gates.pop(kind, None)
 

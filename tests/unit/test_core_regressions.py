@@ -105,17 +105,25 @@ class Kernel:
 
 
 def run(test, tmp_path):
+    disks = []
+
     async def main():
         store = ModelStore()
         kernel = None
         async with trio.open_nursery() as nursery:
             core, disk = make_core(store, nursery, str(tmp_path / "staging"),
                                    still_open=lambda fh: kernel.descs.get(fh, 0) > 0)
+            disks.append(disk)
             kernel = Kernel(core, store)
             kernel.disk = disk
             await test(kernel)
             nursery.cancel_scope.cancel()
-    trio.run(main)
+    try:
+        trio.run(main)
+    finally:
+        for disk in disks:
+            if disk is not None:
+                disk.close()
 
 
 async def fails_with(code: int, coro) -> None:
@@ -653,4 +661,39 @@ def test_open_file_renamed_to_a_temporary_name_is_kept(tmp_path):
         assert await k.listing("Incoming") == {"a.part": 1}
         await k.rename("Incoming/a.part", "Incoming/b")
         assert k.stored("Incoming/b") == b"A" and set(k.store.objects) == {"Incoming/b"}
+    run(test, tmp_path)
+
+
+def test_a_failed_truncate_with_a_late_release_changes_nothing(tmp_path):
+    """M28: `a` written and closed, its RELEASE not arrived yet; `truncate -s 1 a` when the
+    PUT fails: EIO (fine), but the truncated staging copy stays (the unreleased handle keeps
+    it): `ls -l` shows 1 byte, S3 holds 0, and a later close would send the refused change.
+    Promised: a refused call changes nothing."""
+    async def test(k):
+        fh = await k.create("Incoming/a", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        await k.close(fh, release=False)
+        assert k.stored("Incoming/a") == b""
+        k.store.failing.add("put")
+        await fails_with(errno.EIO, k.truncate("Incoming/a", 1))
+        k.store.heal()
+        assert await k.listing("Incoming") == {"a": 0}
+        await k.release(fh)
+        assert await k.listing("Incoming") == {"a": 0}
+        assert k.stored("Incoming/a") == b""
+    run(test, tmp_path)
+
+
+def test_read_of_a_deleted_object_is_eio(tmp_path):
+    """M29: `a` opened read-only, `rm a`, then a read through the open handle: ENOENT (the
+    GET finds no object). read(2) has no ENOENT; programs treat it as a bug. Promised: the
+    bytes, or EIO (as for an object replaced under a reader)."""
+    async def test(k):
+        k.store.add("Incoming/a", b"\0")
+        fh = await k.open("Incoming/a", os.O_RDONLY)
+        await k.unlink("Incoming/a")
+        try:
+            assert bytes(await k.core.read(fh, 0, 1)) == b"\0"
+        except MinervaError as exc:
+            assert exc.errno == errno.EIO, exc
+        await k.close(fh)
     run(test, tmp_path)
