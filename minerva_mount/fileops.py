@@ -118,8 +118,8 @@ class FileOps:
         if truncate and f.size:
             await f.staged.truncate(0)
             self.files.changed(f)
-        if not created and (flags & os.O_TRUNC or flags & os.O_ACCMODE == os.O_WRONLY):
-            self.files.wanted(f)  # opened to be written (`: > f`, `>> f`): a file the program wants
+        if not created and flags & os.O_TRUNC:
+            self.files.wanted(f)  # opened to be written anew (`: > f`): a file the program wants
         if (created and f.opens == 0 and f.in_s3 is None and flags & os.O_ACCMODE != os.O_WRONLY
                 and not flags & os.O_TRUNC):
             # Created as a side effect (read-write or read-only, without O_TRUNC: fallocate,

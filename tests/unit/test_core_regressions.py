@@ -697,3 +697,22 @@ def test_read_of_a_deleted_object_is_eio(tmp_path):
             assert exc.errno == errno.EIO, exc
         await k.close(fh)
     run(test, tmp_path)
+
+
+def test_failed_folder_rename_onto_a_folder_shows_the_copies_it_made(tmp_path):
+    """M30: `mv e d` onto an existing empty folder `d` (its listing cached) fails after
+    copying (DeleteObject refused): S3 holds d/a (documented: both names), but `ls d` stays
+    empty until the listing TTL. M4's fix forgets the listings of the parent folders, not
+    the cached listing of the destination folder itself."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        await k.mkdir("Incoming/e")
+        k.store.add("Incoming/e/a", b"")
+        ttl_passes(k.core)
+        assert await k.listing("Incoming/d") == {}
+        k.store.failing.add("delete")
+        await fails_with(errno.EIO, k.rename("Incoming/e", "Incoming/d"))
+        k.store.heal()
+        assert k.stored("Incoming/d/a") == b""
+        assert await k.listing("Incoming/d") == {"a": 0}
+    run(test, tmp_path)
