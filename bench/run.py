@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -102,27 +101,7 @@ class Bench:
 
     # ------------------------------------------------------------ running cells
     def guarded(self, fn, timeout: float, mount: peers.Mount | None):
-        """Run fn in a thread; past the deadline abort the mount (blocked calls then return)."""
-        box: dict = {}
-
-        def target():
-            try:
-                box["value"] = fn()
-            except BaseException as e:  # handed to the caller
-                box["error"] = e
-
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        thread.join(timeout + 15)
-        if thread.is_alive():
-            w.kill_children()
-            if mount is not None:
-                mount.abort()
-            thread.join(30)
-            raise TimeoutError(f"no answer after {timeout:.0f} s" + ("; mount aborted" if mount else ""))
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
+        return w.guarded(fn, timeout + 15, mount, TimeoutError)
 
     def cell(self, wid: str, column: str, fn, timeout: float, mount: peers.Mount | None = None) -> bool:
         """Measure one cell; False when the mount had to be aborted."""

@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -167,27 +166,7 @@ class Wan:
 
     # ------------------------------------------------------------ one cell
     def guarded(self, fn, timeout: float, mount: peers.Mount | None):
-        """fn() in a thread; past the deadline kill its commands and abort the mount."""
-        box: dict = {}
-
-        def target():
-            try:
-                box["value"] = fn()
-            except BaseException as e:  # handed to the caller
-                box["error"] = e
-
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if thread.is_alive():
-            w.kill_children()
-            if mount is not None:
-                mount.abort()
-            thread.join(30)
-            raise Cut(f"cut off after {timeout:.0f} s" + ("; mount aborted" if mount else ""))
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
+        return w.guarded(fn, timeout, mount, Cut)
 
     def cell(self, results: dict, wid: str, column: str, fn, timeout: float,
              mount: peers.Mount | None = None) -> bool:

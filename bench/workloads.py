@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -430,3 +431,28 @@ def boto_list(server, folder: str, count: int) -> Sample:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def guarded(fn, timeout: float, mount=None, cut=TimeoutError):
+    """fn() in a thread; past `timeout` kill its commands and abort `mount` (a peers.Mount:
+    blocked calls on it then return), and raise `cut`. A hung mount never hangs the bench."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        kill_children()
+        if mount is not None:
+            mount.abort()
+        thread.join(30)
+        raise cut(f"cut off after {timeout:.0f} s" + ("; mount aborted" if mount else ""))
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
