@@ -163,10 +163,12 @@ class Renames:
                        "rename the folder once it is")
         objects = await self.store.list_tree(src + "/")
         check_keys(src, dst, objects)
-        await move_tree(self.store, src, dst, objects)
+        try:
+            await move_tree(self.store, src, dst, objects)
+        finally:  # also after a failure: the copies it made show at once
+            for path in [p for p in self.listings
+                         if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:
+                self.listings.forget(path)
         for f in self.files.under(src):  # published, still open: they go on under the new names
             self.files.renamed(f, dst + f.path[len(src):])
-        for path in [p for p in self.listings
-                     if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:
-            self.listings.forget(path)
 

@@ -34,7 +34,8 @@ What is checked
   model's names and sizes, files held locally included; getattr of every open file has the
   model's size;
 - at the end (every descriptor closed, every fh released): drain names exactly the files
-  kept back.
+  kept back;
+- a step that does not end within STEP_TIMEOUT seconds (a wait nothing ends) fails.
 
 Where the model makes a choice the documents leave open, it says so (search "PROMISE").
 """
@@ -90,6 +91,7 @@ CREATE_FLAGS = {
 SIDE_EFFECT_CREATES = ("RW", "R")  # read-write or read-only without O_TRUNC (SEMANTICS)
 
 STEP_TIMEOUT = 10.0  # seconds: a step (calls on an in-memory store) taking longer hangs
+PUBLISHING = ("put", "create_multipart", "upload_part", "complete_multipart")  # drawn twice as often
 CALLS: list = []  # (call, outcome) of every Core call the model judged (MODEL_STATS=1)
 
 
@@ -428,8 +430,11 @@ class CoreModel(RuleBasedStateMachine):
     # ----- strategies ---------------------------------------------------------------------
 
     file_paths = st.builds(lambda d, n: f"{d}/{n}",
-                           st.sampled_from(["Incoming", "Incoming", "Incoming/d", "Incoming/e", "Outgoing"]),
+                           st.sampled_from(["Incoming", "Incoming/d", "Incoming/e", "Outgoing"]),
                            st.sampled_from(NAMES))
+    incoming_paths = st.builds(lambda d, n: f"{d}/{n}",  # (Outgoing/: EACCES, now and then)
+                               st.sampled_from(["Incoming", "Incoming/d", "Incoming/e"] * 3 + ["Outgoing"]),
+                               st.sampled_from(NAMES))
     payloads = st.binary(min_size=1, max_size=2 * PART + 4)
     sizes = st.integers(min_value=0, max_value=2 * PART + 4)
 
@@ -441,7 +446,7 @@ class CoreModel(RuleBasedStateMachine):
 
     # ----- rules: opening ---------------------------------------------------------------
 
-    @rule(path=file_paths, mode=st.sampled_from(list(CREATE_FLAGS)), excl=st.booleans())
+    @rule(path=incoming_paths, mode=st.sampled_from(list(CREATE_FLAGS)), excl=st.booleans())
     def create(self, path, mode, excl):
         self.step(self._create, path, mode, excl)
 
@@ -867,9 +872,10 @@ class CoreModel(RuleBasedStateMachine):
             if any(k.startswith(new + "/") for k in self.store.objects):
                 self.dirs.add(new)
 
-    @rule(path=st.sampled_from(SUBDIRS))
-    def mkdir(self, path):
-        self.step(self._mkdir, path)
+    @rule(path=st.sampled_from(SUBDIRS), remove=st.booleans())
+    def folder(self, path, remove):
+        """mkdir, or rmdir (one rule: folders matter less than files)."""
+        self.step(self._rmdir if remove else self._mkdir, path)
 
     async def _mkdir(self, path):
         if self.unsure(path):
@@ -882,9 +888,6 @@ class CoreModel(RuleBasedStateMachine):
         self.dirs.add(path)
         self.expect(path + "/", b"")
 
-    @rule(path=st.sampled_from(SUBDIRS))
-    def rmdir(self, path):
-        self.step(self._rmdir, path)
 
     async def _rmdir(self, path):
         if self.unsure(path):
@@ -901,9 +904,15 @@ class CoreModel(RuleBasedStateMachine):
 
     # ----- rules: the world outside --------------------------------------------------------
 
-    @rule(path=file_paths, content=st.binary(max_size=2 * PART + 4))
-    def outside_put(self, path, content):
-        """Another program puts an object; then the listing TTL passes."""
+    @rule(path=file_paths, content=st.none() | st.binary(max_size=2 * PART + 4))
+    def outside(self, path, content):
+        """Another program puts (or deletes: None) an object; then the listing TTL passes."""
+        if content is None:
+            self._outside_delete(path)
+        else:
+            self._outside_put(path, content)
+
+    def _outside_put(self, path, content):
         if parent_of(path) not in self.dirs or not self.quiet(path) or path in self.dirs:
             return
         self.store.add(path, content)
@@ -913,8 +922,7 @@ class CoreModel(RuleBasedStateMachine):
         self.files[path] = File(bytearray(content), path, published=content)
         self.step(self._ttl)
 
-    @rule(path=file_paths)
-    def outside_delete(self, path):
+    def _outside_delete(self, path):
         if path not in self.files or not self.quiet(path):
             return
         self.store.objects.pop(path, None)
@@ -925,19 +933,19 @@ class CoreModel(RuleBasedStateMachine):
     async def _ttl(self):
         ttl_passes(self.core)
 
-    @rule(kind=st.sampled_from(KINDS), once=st.booleans())
+    @rule(kind=st.sampled_from([*KINDS, *PUBLISHING, "disk full", "short writes", None]), once=st.booleans())
     def fail(self, kind, once):
-        (self.store.fail_once if once else self.store.failing).add(kind)
-
-    @rule()
-    def heal(self):
-        self.store.heal()
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(mode=st.sampled_from([None, "enospc", "short"]))
-    def staging_disk(self, mode):
-        """The staging disk fills (ENOSPC), writes come back short, or there is room."""
-        self.disk.mode = mode
+        """Requests of one kind fail (once, or until healed); the staging disk fills (ENOSPC)
+        or its writes come back short; or everything heals (None)."""
+        if kind is None:
+            self.store.heal()
+            if self.disk is not None:
+                self.disk.mode = None
+        elif kind in ("disk full", "short writes"):
+            if self.disk is not None:
+                self.disk.mode = "enospc" if kind == "disk full" else "short"
+        else:
+            (self.store.fail_once if once else self.store.failing).add(kind)
 
     # ----- concurrency -------------------------------------------------------------------
 
