@@ -61,6 +61,9 @@ class Blocks:
         self.block_size = cache.block_size if cache is not None else block_size
         self.memory_bytes = memory_bytes
         self._memory: OrderedDict[str, memoryview] = OrderedDict()
+        # Blocks in memory whose disk-cache write was skipped (the writer was behind): written
+        # when next used, if the writer has room then, so a busy spell costs no block for good.
+        self._unwritten: set[str] = set()
         self._memory_used = 0
         self._inflight: dict[str, trio.Event] = {}
         self._gets = trio.CapacityLimiter(MAX_GETS)
@@ -117,6 +120,7 @@ class Blocks:
             self._forget(next(iter(self._memory)))
 
     def _forget(self, name: str) -> None:
+        self._unwritten.discard(name)
         data = self._memory.pop(name, None)
         if data is not None:
             self._memory_used -= len(data)
@@ -130,6 +134,8 @@ class Blocks:
             if data is not None:
                 self._memory.move_to_end(name)
                 self.hits += 1
+                if name in self._unwritten:
+                    self._write_skipped()
                 return data
             event = self._inflight.get(name)
             if event is None or waited:
@@ -269,9 +275,27 @@ class Blocks:
                 self._writes.acquire_nowait()  # bounds the bytes waiting to be written
             except trio.WouldBlock:  # the disk cache is behind: reading on beats caching all
                 self.skipped_writes += len(blocks)
+                self._unwritten.update(names)
             else:
                 self.nursery.start_soon(self._write, list(zip(names, blocks, strict=True)))
         return blocks
+
+    def _write_skipped(self, most: int = 32) -> None:
+        """Write blocks whose write was skipped, now that one of them is used again (at most
+        `most`, as one batch, and only if the writer has room: never waits)."""
+        try:
+            self._writes.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        def order(name: str) -> tuple[str, int]:
+            stem, _, index = name.rpartition("-")
+            return stem, int(index)
+        names = sorted((n for n in self._unwritten if n in self._memory), key=order)[:most]
+        self._unwritten.difference_update(names)
+        if not names:
+            self._writes.release()
+            return
+        self.nursery.start_soon(self._write, [(n, self._memory[n]) for n in names])
 
     async def _write(self, blocks: list[tuple[str, memoryview]]) -> None:
         try:

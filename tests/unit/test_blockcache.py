@@ -387,6 +387,43 @@ def test_reads_go_on_when_the_cache_writes_fall_behind(tmp_path):
     trio.run(main)
 
 
+def test_a_block_whose_write_was_skipped_is_written_when_used_again(tmp_path):
+    """A run skipped while the writer was behind is still in memory; the next use of one of its
+    blocks writes it (the writer has room again): a busy spell loses no block for good."""
+    data = data_of(6 * BS)
+
+    async def main():
+        store = RangeStore()
+        info = store.add("Outgoing/slow.bin", data)
+        cache = BlockCache(tmp_path, 1 << 30, block_size=BS)
+        await cache.open()
+        release = trio.Event()
+        written: list[str] = []
+        real_put_many = cache.put_many
+
+        async def stalled_then_real(blocks):
+            await release.wait()
+            written.extend(name for name, _ in blocks)
+            await real_put_many(blocks)
+        cache.put_many = stalled_then_real
+        async with trio.open_nursery() as nursery:
+            blocks = Blocks(store, nursery, cache)
+            for i in range(6):
+                await blocks.get(info, i)
+            assert blocks.stats()["skipped_writes"] == 6 - MAX_PENDING_WRITES
+            release.set()
+            await settle(blocks)
+            gets = store.requests["get"]
+            for i in range(6):  # used again: served from memory, the skipped ones written now
+                assert bytes(await blocks.get(info, i)) == data[i * BS:(i + 1) * BS]
+            await settle(blocks)
+            assert store.requests["get"] == gets  # no GET: they were at hand
+            assert set(written) == {BlockCache.name(info.path, info.etag, i) for i in range(6)}
+            assert all(cache.has(BlockCache.name(info.path, info.etag, i)) for i in range(6))
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+
+
 # ----- a shared cache folder: planted symlinks and files are never used -------------------
 
 STRANGER = 65534  # nobody
