@@ -27,7 +27,7 @@ from .errors import (
 from .fileops import FileOps
 from .handles import Handle
 from .listings import DIR, GONE, MISSING, ListingCache
-from .localfiles import UNSENT, LocalFiles
+from .localfiles import UNSENT, LocalFiles, State
 from .namespace import (
     INCOMING,
     MAX_KEY_BYTES,
@@ -215,6 +215,9 @@ class Core(FileOps, Renames):
     async def _truncate(self, node: Node, size: int) -> None:
         check_size(node.path, size)
         f = self._changeable(node.path)
+        if f is not None and f.state is State.PUBLISHED and not f.dirty and f.writers == 0:
+            self.files.detach(f)  # S3 holds its content: start from S3, so a refusal is undone
+            f = None
         made = f is None  # a copy made for this truncate alone
         if made:
             if size == node.size:

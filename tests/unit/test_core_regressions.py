@@ -712,3 +712,22 @@ def test_failed_folder_rename_onto_a_folder_shows_the_copies_it_made(tmp_path):
         assert k.stored("Incoming/d/a") == b""
         assert await k.listing("Incoming/d") == {"a": 0}
     run(test, tmp_path)
+
+
+def test_a_failed_truncate_of_a_published_file_with_a_late_release_changes_nothing(tmp_path):
+    """M31 (the long run): `a` written out of order (staged), closed and published, its RELEASE
+    late; `truncate -s 0 a` while PUTs fail: EIO, and the listing showed 0 bytes while S3
+    held 2. A truncate of a file S3 holds as it is starts from S3, so a refusal is undone."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.core.write(fh, 1, b"\0")  # out of order: moved to a staging copy
+        await k.close(fh, release=False)
+        assert k.stored("Incoming/a") == b"\0\0"
+        k.store.failing.add("put")
+        await fails_with(errno.EIO, k.truncate("Incoming/a", 0))
+        k.store.heal()
+        assert await k.listing("Incoming") == {"a": 2}
+        await k.release(fh)
+        assert k.stored("Incoming/a") == b"\0\0"
+        assert await k.listing("Incoming") == {"a": 2}
+    run(test, tmp_path)
