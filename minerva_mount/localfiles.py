@@ -222,12 +222,14 @@ class LocalFiles:
     def changed(self, f: LocalFile) -> None:
         """Content written or truncated: it differs from S3 now, and its mtime is now (as on
         a local disk; kept until sent, so `stat` shows one mtime per content)."""
+        before = (f.state, f.dirty)
         f.dirty, f.created_empty = True, False
         f.mtime = time.time()
         if f.state in (State.PUBLISHED, State.FAILED, State.KEPT_BACK, State.SPOOLED):
             self._unspool(f)
             f.state, f.error = State.STAGED, None
-        self._update_idle()
+        if (f.state, f.dirty) != before:  # every write comes here: scan the table only on a change
+            self._update_idle()
 
     def writer_closed(self, f: LocalFile) -> bool:
         """A writer handle's last close: whether the file should be published now."""
