@@ -345,6 +345,7 @@ class LocalFiles:
         f.state, f.settled = State.PUBLISHING, trio.Event()
         try:
             etag = await f.staged.upload(f.path, self._nursery, journal=f.spooled)
+            await self.writeback.uploaded(f)
         except MinervaError:
             if f.state is State.PUBLISHING:
                 f.state = State.SPOOLED

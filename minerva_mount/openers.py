@@ -24,18 +24,23 @@ def process_of(pid: int) -> int | None:
     return None
 
 
-def writable_descriptors(pid: int, target: str) -> int:
-    """How many descriptors process `pid` holds open for writing on the file at `target`.
+def descriptors(pid: int) -> list[str]:
+    """The descriptor numbers process `pid` holds (none if it is gone or not ours to read)."""
+    try:
+        return os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []  # gone, or not ours to read: nothing of it can keep writing to the file
+
+
+def writable_descriptors(pid: int, target: str, descriptors: list[str]) -> int:
+    """How many of `descriptors` of process `pid` are open for writing on the file at `target`.
 
     Only writable ones count: a program that reads a file and writes it anew
     (`r = open(p); w = open(p, "w"); w.close()`, `sort -o f f`) still holds the reader
     when it closes the writer, and that close must publish (and report failure).
+    ~7 us per descriptor (a readlink), ~50 us for a `cp`.
     """
     folder = f"/proc/{pid}"
-    try:
-        descriptors = os.listdir(f"{folder}/fd")
-    except OSError:
-        return 0  # gone, or not ours to read: nothing of it can keep writing to the file
     count = 0
     for fd in descriptors:
         try:

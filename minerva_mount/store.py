@@ -100,8 +100,11 @@ def _expect_only_for_large_bodies(request, **_kwargs) -> None:
 
 
 class S3Store:
+    """`max_threads`: requests at once (threads, and connections in the pool). 24: write-back
+    keeps up to 16 small PUTs in flight (writeback.py), and reads must not wait behind them."""
+
     def __init__(self, provider: CredentialProvider, endpoint_url: str | None = None,
-                 max_threads: int = 16, retry_timeout: float = 60.0):
+                 max_threads: int = 24, retry_timeout: float = 60.0):
         self._provider = provider
         self._endpoint_url = endpoint_url
         self._limiter = trio.CapacityLimiter(max_threads)

@@ -9,9 +9,14 @@ the upload are applied to the spool).
 
 The spool is a folder of our own (safepaths.py) under the cache folder. Per file:
 - `ID.data`: the content (the staging file itself, linked into the folder: no copy), 0600;
-- `ID.json`: the journal: key, size, mtime, and for a multipart upload its upload id and the
-  ETag of every part S3 acknowledged, written to a temporary name, fsync'd and renamed, so a
-  crash leaves either the old journal or the new one, never half of one.
+- its journal: key, size, mtime, and for a multipart upload its upload id and the ETag of
+  every part S3 acknowledged. The first one is an extended attribute of `ID.data`, so one
+  fsync of the file makes content and journal durable together: a close costs 0.37 ms of
+  disk work here instead of 0.84 with a journal file of its own (three fsyncs), and it is
+  most of what a close costs. Later ones (a rename, a multipart upload's parts) and any on a
+  file system without user xattrs go to `ID.json`: written to a temporary name, fsync'd and
+  renamed, so a crash leaves either the old journal or the new one, never half of one. A
+  `ID.json` overrides the attribute.
 Nothing is lost: after a SIGKILL, a crash or a reboot the next start finds the spool and
 uploads it before anything else, resuming a multipart upload from its journaled parts (the
 policy allows no ListParts). A transient failure is retried with backoff (1 s doubling to
@@ -24,6 +29,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,8 +40,20 @@ from .errors import MinervaError
 
 log = logging.getLogger("minerva.writeback")
 
-CONCURRENT_UPLOADS = 4  # files uploaded at once (each a PUT, or up to 8 parts in flight)
+# Files uploaded at once. Far away a small file's PUT is one round trip of waiting and ~1 ms
+# of CPU: at 40 ms RTT, 200 files of 16 KiB took 2.7 s four at a time and 0.9 s sixteen at a
+# time (bench/wan.py). Larger files (up to 8 MiB read whole, or up to 8 parts of 8 MiB in
+# flight each) are limited by bytes held, not by waiting: four at a time.
+SMALL_FILE = 1 << 20
+CONCURRENT_SMALL, CONCURRENT_LARGE = 16, 4
+# But each upload also costs the daemon ~1 ms of CPU under the one GIL that serves the file
+# system: sixteen at once while `cp -r` was still closing files made the copy 0.86 s instead
+# of 0.5. While closes come less than BURST_GAP apart (a copy in progress: ~1.5 ms apart for
+# small files) only BURST_WIDTH small uploads run; the rest follow at full width once the
+# copy pauses. A long copy still uploads as it goes, two at a time.
+BURST_GAP, BURST_WIDTH = 0.05, 2
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # backoff of a failed background upload, seconds
+JOURNAL_XATTR = "user.minerva.journal"
 PERMANENT = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EFBIG, errno.EINVAL}
 
 
@@ -73,13 +91,14 @@ class Spool:
         self.cap = cap
         self.used = 0
         self.room = trio.Event()  # set whenever bytes leave the spool
+        self.xattrs = True  # journals in an xattr of the data file; False once refused
 
     def write_journal(self, journal: Journal) -> None:
-        data = {k: v for k, v in asdict(journal).items() if k != "spool"}
+        """A journal that replaces an earlier one: `ID.json`, atomically."""
         tmp = f"{journal.id}.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=self.fd)
         try:
-            os.write(fd, json.dumps(data).encode())
+            os.write(fd, _encoded(journal))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -87,16 +106,28 @@ class Spool:
         os.fsync(self.fd)
 
     def add(self, content_fd: int, key: str, size: int, mtime: float) -> Journal:
-        """Make the content durable under a new id, then its journal (in that order: a
-        journal never names data that is not on disk)."""
+        """Make the content and its journal durable under a new id. A crash before this
+        returns may leave the data without a journal (the close had not returned: nothing
+        was promised); `scan` removes it."""
         journal = Journal(os.urandom(8).hex(), key, size, mtime, spool=self)
         name = f"{journal.id}.data"
         try:
             os.link(f"/proc/self/fd/{content_fd}", name, dst_dir_fd=self.fd, follow_symlinks=True)
         except OSError:  # not an O_TMPFILE file (a file system without it): copy instead
             self._copy(content_fd, name, size)
+        if self.xattrs:
+            try:
+                os.setxattr(content_fd, JOURNAL_XATTR, _encoded(journal))
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ENOSPC):
+                    raise
+                log.info("spool: no extended attributes here (%s); journals go to files", exc.strerror)
+                self.xattrs = False
         os.fsync(content_fd)
-        journal.save()
+        if not self.xattrs:
+            self.write_journal(journal)
+        else:
+            os.fsync(self.fd)  # the name
         self.used += size
         return journal
 
@@ -114,31 +145,44 @@ class Spool:
             os.close(fd)
 
     def remove(self, journal: Journal) -> None:
-        """The file is in S3 (or deleted): journal first, so no journal names missing data."""
+        """The file is in S3 (or deleted): journal first, so no journal names missing data.
+        Only files: callable from a worker thread (`freed` does the accounting)."""
         for name in (f"{journal.id}.json", f"{journal.id}.data"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self.fd)
         os.fsync(self.fd)
+
+    def freed(self, journal: Journal) -> None:
         self.used = max(self.used - journal.size, 0)
         self.room.set()
         self.room = trio.Event()
 
     def scan(self) -> list[tuple[Journal, int]]:
         """What an earlier run left: (journal, content fd) for each whole entry; the rest
-        (a data file without its journal: the crash came between the two) is removed."""
+        (a data file without a journal: the crash came before its close returned) is removed."""
         names = set(os.listdir(self.fd))
         found = []
         for name in sorted(names):
-            if name.endswith(".json.tmp") or (name.endswith(".data") and name[:-5] + ".json" not in names):
+            if name.endswith(".json.tmp") or (name.endswith(".json") and name[:-5] + ".data" not in names):
                 os.unlink(name, dir_fd=self.fd)
                 continue
-            if not name.endswith(".json"):
+            if not name.endswith(".data"):
                 continue
             try:
-                journal = self._read_journal(name)
-                fd = os.open(f"{journal.id}.data", os.O_RDWR | os.O_NOFOLLOW, dir_fd=self.fd)
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW, dir_fd=self.fd)
+            except OSError as exc:
+                log.error("spool entry %s unusable, left in place: %s", name, exc)
+                continue
+            try:
+                journal = self._read_journal(name[:-5], fd, name[:-5] + ".json" in names)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("spool entry %s unusable, left in place: %s", name, exc)
+                os.close(fd)
+                continue
+            if journal is None:
+                log.info("spool: %s has no journal (a crash came before its close returned); removed", name)
+                os.close(fd)
+                os.unlink(name, dir_fd=self.fd)
                 continue
             st = os.fstat(fd)
             if st.st_uid != os.geteuid() or st.st_mode & 0o077 or st.st_size != journal.size:
@@ -149,14 +193,30 @@ class Spool:
             found.append((journal, fd))
         return found
 
-    def _read_journal(self, name: str) -> Journal:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
-        try:
-            data = json.loads(os.read(fd, 1 << 20))
-        finally:
-            os.close(fd)
+    def _read_journal(self, entry: str, data_fd: int, has_file: bool) -> Journal | None:
+        if has_file:
+            fd = os.open(f"{entry}.json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
+            try:
+                raw = os.read(fd, 1 << 24)
+            finally:
+                os.close(fd)
+        else:
+            try:
+                raw = os.getxattr(data_fd, JOURNAL_XATTR)
+            except OSError as exc:
+                if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    return None
+                raise
+        data = json.loads(raw)
         data["parts"] = {int(k): v for k, v in data.get("parts", {}).items()}
-        return Journal(**data, spool=self)
+        journal = Journal(**data, spool=self)
+        if journal.id != entry:
+            raise ValueError(f"journal of {journal.id} found in entry {entry}")
+        return journal
+
+
+def _encoded(journal: Journal) -> bytes:
+    return json.dumps({k: v for k, v in asdict(journal).items() if k != "spool"}).encode()
 
 
 class WriteBack:
@@ -165,8 +225,11 @@ class WriteBack:
     def __init__(self, spool: Spool):
         self.spool = spool
         self._wake = trio.Event()
-        self._limiter = trio.CapacityLimiter(CONCURRENT_UPLOADS)
+        self._small = trio.CapacityLimiter(CONCURRENT_SMALL)
+        self._large = trio.CapacityLimiter(CONCURRENT_LARGE)
         self._active: set[int] = set()
+        self._pending: list = []  # spooled files to start an upload for (at most the spool's)
+        self._last_spooled = -float("inf")  # trio time of the last close that spooled a file
         self.files = None
 
     async def make_durable(self, f) -> None:
@@ -181,6 +244,9 @@ class WriteBack:
             staged.mtime = time.time()
         f.spooled = await trio.to_thread.run_sync(
             self.spool.add, staged.fd, f.path, staged.size, staged.mtime)
+        self._last_spooled = trio.current_time()
+        self._small.total_tokens = BURST_WIDTH
+        self._pending.append(f)
         self.wake()
 
     def renamed(self, f) -> None:
@@ -190,16 +256,30 @@ class WriteBack:
         f.spooled.save()
 
     def forget(self, f) -> None:
+        """The file leaves the spool before its upload (deleted, or about to change: a crash
+        must then not send it): at once, before anything else may touch its content."""
         if f.spooled is not None:
-            self.spool.remove(f.spooled)
-            f.spooled = None
+            journal, f.spooled = f.spooled, None
+            self.spool.remove(journal)
+            self.spool.freed(journal)
+
+    async def uploaded(self, f) -> None:
+        """The file is in S3: its entry goes, off the event loop (0.3 ms of unlinks and an
+        fsync per file, which a copy in progress would otherwise wait for). Called while the
+        file is still PUBLISHING, so nothing writes to it until the entry is gone."""
+        journal, f.spooled = f.spooled, None
+        try:
+            await trio.to_thread.run_sync(self.spool.remove, journal)
+        except OSError as exc:  # it would be sent again at the next start: a duplicate, whole
+            log.error("spool entry of %s (%s) could not be removed: %s", f.path, journal.id, exc)
+        self.spool.freed(journal)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self, files, restore, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Restore what an earlier run left (`restore(journal, fd)` makes it a held file),
-        then upload spooled files as they come, CONCURRENT_UPLOADS at a time."""
+        then upload spooled files as they come, several at a time."""
         self.files = files
         entries = self.spool.scan()
         for journal, fd in entries:
@@ -207,20 +287,26 @@ class WriteBack:
         if entries:
             log.info("write-back: %d files (%d bytes) left by an earlier run, uploading them first",
                      len(entries), sum(j.size for j, _ in entries))
+        self._pending.extend(files.spooled())
         task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
-                for f in files.spooled():
+                pending, self._pending = self._pending, []
+                for f in pending:
                     if id(f) not in self._active:
                         self._active.add(id(f))
                         nursery.start_soon(self._upload, f)
-                await self._wake.wait()
-                self._wake = trio.Event()
+                burst_ends = self._last_spooled + BURST_GAP
+                with trio.move_on_at(burst_ends if self._small.total_tokens < CONCURRENT_SMALL else math.inf):
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                if trio.current_time() >= burst_ends:
+                    self._small.total_tokens = CONCURRENT_SMALL
 
     async def _upload(self, f) -> None:
         delay = RETRY_FIRST
         try:
-            async with self._limiter:
+            async with self._small if f.size < SMALL_FILE else self._large:
                 while f.spooled is not None and f.spooled.failed is None:
                     try:
                         await self.files.send_spooled(f)

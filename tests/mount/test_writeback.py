@@ -123,7 +123,10 @@ def test_spool_files_are_ours_alone(wb_mount, wiped):
         folder = spool_of(mount)
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
         names = os.listdir(folder)
-        assert any(n.endswith(".data") for n in names) and any(n.endswith(".json") for n in names)
+        data = [n for n in names if n.endswith(".data")]
+        assert len(data) == 1, names
+        journal = json.loads(os.getxattr(os.path.join(folder, data[0]), "user.minerva.journal"))
+        assert journal["key"] == "Incoming/secret.txt"  # the journal rides with the data (0600)
         for name in names:
             st = os.stat(os.path.join(folder, name))
             assert stat.S_IMODE(st.st_mode) == 0o600, name
