@@ -297,6 +297,7 @@ class Core(FileOps, Renames):
         await self.store.put(path + "/", b"", {})
         self.listings.update(self._dir(parent_inode).path, check_name(name), DIR)
         node = self.inodes.upsert(path, True, mtime=time.time())
+        self.listings.created(path)
         node.lookups += 1
         return node
 

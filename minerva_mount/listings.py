@@ -183,6 +183,11 @@ class ListingCache(cachetools.TTLCache):
         else:
             entries[name] = entry
 
+    def created(self, dir_path: str) -> None:
+        """A folder just made through the mount, where nothing was: its listing is known
+        (empty), so a copy into it costs no LIST (a round trip before the first file)."""
+        self._store_listing(dir_path, {}, trio.current_time())
+
     def clear(self) -> None:
         self.version += 1
         for fetch in self._inflight.values():
