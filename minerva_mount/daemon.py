@@ -6,6 +6,7 @@ applications are waiting on them) before the session ends and the mount goes awa
 """
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -127,6 +128,11 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             log.info("mounted %s at %s", provider.current.bucket + "/" + provider.current.prefix,
                      settings.mountpoint)
             on_ready()
+            # What start-up made (boto3's models and client: ~80,000 objects) stays for the
+            # life of the mount. Moved out of the collector's sight, a full collection took
+            # 0.5 ms instead of 37 during a `cp -r` of 200 files (whose 200 closes take
+            # ~250 ms in all): every request waits while one runs.
+            gc.freeze()
             monitor.ready()
             await pyfuse3.main()
         finally:
