@@ -273,7 +273,13 @@ class LocalFiles:
         if f.staged is not None:
             f.staged.path = dst
         self._by_path[dst] = f
-        if f.spooled is not None:
+        if f.spooled is not None and is_temporary(dst):
+            # A temporary name never reaches S3: out of the spool, kept back until renamed to a
+            # final name (then spooled again), as a file closed under that name would be.
+            self._unspool(f)
+            f.state, f.error = State.KEPT_BACK, None
+            self._update_idle()
+        elif f.spooled is not None:
             self.writeback.renamed(f)
 
     async def settle(self, f: LocalFile) -> None:

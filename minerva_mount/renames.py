@@ -88,7 +88,8 @@ class Renames:
             if held is not None:
                 await self.files.settle(held)
         f = self.files.get(src)
-        if f is not None and f.state in UNSENT:
+        if f is not None and (f.state in UNSENT or f.spooled is not None):
+            # (A write-back upload failed for good is in the spool alone: renamed there.)
             await self._rename_held(f, src, dst)
             return
         if area_of(dst) is Area.INCOMING and is_temporary(dst) and self._key(src) == src:
@@ -157,7 +158,8 @@ class Renames:
             raise NotEmpty(dst)
         for f in self.files.under(src):
             await self.files.settle(f)
-        unsent = [f for f in self.files.under(src) if f.state in UNSENT]
+        # Spooled files (write-back) move with their folder: the journal takes the new name.
+        unsent = [f for f in self.files.under(src) if f.state in UNSENT and f.spooled is None]
         if unsent:
             raise busy(f"{src} holds {unsent[0].path}, not uploaded yet ({unsent[0].state.value}); "
                        "rename the folder once it is")

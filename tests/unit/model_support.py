@@ -20,7 +20,7 @@ import threading
 import pytest
 import trio
 
-from minerva_mount.errors import MinervaError, StoreError
+from minerva_mount.errors import AccessDenied, MinervaError, StoreError
 from minerva_mount.fakestore import FakeStore
 
 # Request kinds FakeStore counts (FakeStore._enter); "list" covers list_dir, list_tree and
@@ -39,12 +39,15 @@ class ModelStore(FakeStore):
     tell which operation (or which file's background upload) saw one. `suspended` turns
     injection off (the model's own observations). `gates[kind]`: requests of that kind
     wait at the gate until the event is set; `arrived[kind]` is set when one reaches it.
+    `denied`: kinds whose requests for a file's key (not a folder marker) fail with
+    AccessDenied until `heal()`, logged in `fired` as "KIND denied".
     """
 
     def __init__(self):
         super().__init__()
         self.failing: set[str] = set()
         self.fail_once: set[str] = set()
+        self.denied: set[str] = set()
         self.fired: list[tuple[str, tuple[str, ...]]] = []
         self.suspended = False
         self.gates: dict[str, trio.Event] = {}
@@ -54,6 +57,7 @@ class ModelStore(FakeStore):
     def heal(self) -> None:
         self.failing.clear()
         self.fail_once.clear()
+        self.denied.clear()
 
     async def _enter(self, kind: str) -> None:
         # The key the request is for: FakeStore's methods name it `path` (`src`, `dst` for copy).
@@ -69,6 +73,9 @@ class ModelStore(FakeStore):
             self.fail_once.discard(kind)
             self.fired.append((kind, keys))
             raise StoreError(f"{kind} {' '.join(keys)}: injected failure")
+        if not self.suspended and kind in self.denied and keys and not keys[-1].endswith("/"):
+            self.fired.append((f"{kind} denied", keys))
+            raise AccessDenied(f"{kind} {' '.join(keys)}: injected AccessDenied")
         if kind in ("put", "complete_multipart", "copy"):
             self.writes.append((kind, keys[-1]))
 
@@ -154,12 +161,13 @@ def make_core(store, nursery, staging_dir: str, still_open, **kwargs):
 class TrioThread:
     """A trio loop in a thread for one example: `run(afn, *args)` awaits afn in it.
 
-    `setup(nursery)` is called in the loop before anything runs (it makes the Core). An
-    exception that ends the loop (a background task of Core crashing) is raised by the next
-    `run` and by `close`.
+    `setup(nursery)` is called in the loop before anything runs (it makes the Core; if it
+    returns an awaitable, that is awaited). An exception that ends the loop (a background
+    task of Core crashing) is raised by the next `run` and by `close`.
     """
 
-    def __init__(self, setup):
+    def __init__(self, setup, clock=None):
+        self._clock = clock
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop: trio.Event | None = None
@@ -173,7 +181,7 @@ class TrioThread:
 
     def _thread_main(self, setup) -> None:
         try:
-            trio.run(self._main, setup)
+            trio.run(self._main, setup, clock=self._clock)
         except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
             self._error = exc
         finally:
@@ -183,7 +191,8 @@ class TrioThread:
         self._stop = trio.Event()
         async with trio.open_nursery() as nursery:
             self.token = trio.lowlevel.current_trio_token()
-            self.value = setup(nursery)
+            value = setup(nursery)
+            self.value = await value if inspect.isawaitable(value) else value
             self._ready.set()
             await self._stop.wait()
             nursery.cancel_scope.cancel()

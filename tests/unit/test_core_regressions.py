@@ -1,6 +1,8 @@
 """Regressions found by the model test (test_core_model.py): each the shortest sequence
 Hypothesis found, written out as plain Core calls. /work/notes/model_findings.md (and the
-docstrings) say what each shows and what is promised.
+docstrings) say what each shows and what is promised. The `test_wb_` ones (at the end) were
+found by the write-back model (test_core_model_writeback.py) and run Core as the daemon does
+with --write-back (wb_support.Daemon), on a MockClock that moves only when told.
 
 The kernel's part is played by hand: a close() of a descriptor is Core.flush(fh); RELEASE
 (Core.release) comes after the last descriptor of that fh is closed; `still_open` answers
@@ -12,10 +14,13 @@ import os
 
 import pytest
 import trio
+import trio.testing
 from model_support import PART, ModelStore, make_core, quiet_logs, set_small_parts, ttl_passes
+from wb_support import Daemon, drain_spool, example_folder, inline_threads, remove_folder
 
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
+from minerva_mount.localfiles import State
 from minerva_mount.namespace import ROOT_INODE
 
 W = os.O_WRONLY | os.O_CREAT | os.O_TRUNC  # create, write-only: a stream
@@ -731,3 +736,157 @@ def test_a_failed_truncate_of_a_published_file_with_a_late_release_changes_nothi
         assert k.stored("Incoming/a") == b"\0\0"
         assert await k.listing("Incoming") == {"a": 2}
     run(test, tmp_path)
+
+
+# ----- write-back findings (test_core_model_writeback.py) ----------------------------------
+
+
+def run_wb(test):
+    """`test(k)` against Core with write-back (as the daemon runs it), on a MockClock."""
+    folder = example_folder()
+
+    async def main():
+        store = ModelStore()
+        kernel = None
+        async with trio.open_nursery() as nursery:
+            daemon = Daemon(store, folder, still_open=lambda fh: kernel.descs.get(fh, 0) > 0)
+            kernel = Kernel(await daemon.start(nursery), store)
+            kernel.daemon = daemon
+            await test(kernel)
+            nursery.cancel_scope.cancel()
+    try:
+        with inline_threads():
+            trio.run(main, clock=trio.testing.MockClock())
+    finally:
+        remove_folder(folder)
+
+
+async def crash(k: Kernel) -> None:
+    """SIGKILL of the daemon (and of every program using the mount); the daemon starts again."""
+    k.core = await k.daemon.restart()
+    k.descs.clear()
+
+
+async def sync(k: Kernel) -> None:
+    """S3 is well again; wait (trio time, retries' backoff included) until the spool drained."""
+    k.store.heal()
+    await drain_spool(k.core)
+
+
+async def written(k: Kernel, path: str, data: bytes) -> None:
+    """`cp`: create, write, close; with write-back it returns once the file is in the spool.
+    Then its background upload makes its first attempt (done, or failed: retried in 1 s of
+    trio time, which stands still), so what comes next does not race with it (see WB1)."""
+    fh = await k.create(path)
+    await k.core.write(fh, 0, data)
+    await k.close(fh)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def test_wb_unlink_while_the_upload_starts_deletes_the_file():
+    """WB1: `a` spooled (its first upload failed: retried in 1 s) over an older `a` in S3;
+    `rm a` deletes the old object, and while that DELETE is on the wire the retry starts and
+    its PUT goes out. The unlink then detaches the file in the middle of its upload (it
+    settled before the upload began); the PUT lands: the deleted name is back in S3 (before
+    8afa560), or writeback.uploaded() finds no journal (AttributeError) and the uploader's
+    nursery, the daemon's, dies. Promised (SEMANTICS): a delete during the upload waits for
+    it; a deleted name never comes back."""
+    async def test(k):
+        k.store.add("Incoming/a", b"old")
+        await k.listing("Incoming")
+        k.store.fail_once.add("put")
+        await written(k, "Incoming/a", b"new")  # its first PUT fails: retried in 1 s
+        deleting, putting = trio.Event(), trio.Event()
+        k.store.gates.update(delete=deleting, put=putting)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.unlink, "Incoming/a")
+            while "delete" not in k.store.arrived:
+                await trio.sleep(0)
+            trio.lowlevel.current_clock().jump(1)  # the retry: its PUT reaches its gate
+            await trio.testing.wait_all_tasks_blocked()
+            deleting.set()
+            await trio.testing.wait_all_tasks_blocked()
+            putting.set()
+        await sync(k)
+        assert k.stored("Incoming/a") is None
+        assert "a" not in await k.listing("Incoming")
+    run_wb(test)
+
+
+def test_wb_spooled_file_renamed_to_a_temporary_name_is_not_sent():
+    """WB2: `a` spooled (S3 down), `mv a a.part`: the journal takes the temporary name and the
+    upload PUTs `Incoming/a.part`. Promised (README): a temporary name never reaches S3; a
+    file renamed to one is kept back."""
+    async def test(k):
+        k.store.failing.add("put")
+        await written(k, "Incoming/a", b"x")
+        await k.rename("Incoming/a", "Incoming/a.part")
+        await sync(k)
+        assert k.stored("Incoming/a.part") is None and k.stored("Incoming/a") is None
+        assert await k.listing("Incoming") == {"a.part": 1}
+    run_wb(test)
+
+
+def test_wb_folder_rename_with_a_spooled_file_moves_it():
+    """WB3: `d/a` spooled (S3 down), `mv d e`: EBUSY ("holds d/a, not uploaded yet"); with
+    write-back a copy into a folder is followed by that for as long as the uploads take.
+    Promised (SEMANTICS, write-back): a rename before the upload is applied to the spool."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        k.store.fail_once.add("put")  # (once: the new folder's marker is a PUT too)
+        await written(k, "Incoming/d/a", b"x")
+        await k.rename("Incoming/d", "Incoming/e")
+        await sync(k)
+        assert k.stored("Incoming/e/a") == b"x" and k.stored("Incoming/d/a") is None
+    run_wb(test)
+
+
+def test_wb_spooled_file_reopened_for_writing_survives_a_crash():
+    """WB4: `a` closed (spooled; S3 down), opened again read-write (an editor, a log being
+    appended to), then the daemon dies: `a` is in neither S3 nor the spool. Opening it for
+    writing took it out of the spool (the spool's data file is its staging file, changed in
+    place), so a close that had returned is undone; a `sync` while it is open does not send
+    it either. Promised (README, write-back): files whose close() returned are uploaded."""
+    async def test(k):
+        k.store.failing.add("put")
+        await written(k, "Incoming/a", b"v1")
+        await k.open("Incoming/a", os.O_RDWR)
+        await crash(k)
+        await sync(k)
+        assert k.stored("Incoming/a") == b"v1"
+    run_wb(test)
+
+
+def test_wb_rename_of_a_file_failed_for_good_moves_it_in_the_spool():
+    """WB5: `a`'s upload refused for good (403: FAILED, kept in the spool), `mv a b`: ENOENT
+    (the rename copies `a` in S3, which has none); had S3 an older `a`, `b` would get that
+    stale object. Promised: a rename of a file only the spool holds is applied to the spool
+    (it goes up as `b` at the next start); S3 shows nothing it was not sent."""
+    async def test(k):
+        k.store.denied.add("put")
+        await written(k, "Incoming/a", b"x")
+        assert k.core.files.get("Incoming/a").state is State.FAILED
+        await k.rename("Incoming/a", "Incoming/b")
+        assert k.stored("Incoming/a") is None and k.stored("Incoming/b") is None
+        assert await k.listing("Incoming") == {"b": 1}
+        await crash(k)  # a failed upload is tried again at the next start
+        await sync(k)
+        assert k.stored("Incoming/b") == b"x" and k.stored("Incoming/a") is None
+    run_wb(test)
+
+
+def test_wb_a_file_spooled_twice_survives_a_crash():
+    """WB6: `a` spooled (S3 down), `truncate -s 1 a` (spooled again), SIGKILL: after the
+    start `a` is gone. Its staging file was linked into the spool once; Linux links an
+    O_TMPFILE file only once (I_LINKABLE), so the second Spool.add falls back to a copy, and
+    then sets the journal xattr on the staging descriptor, not on the copy; the next start
+    finds a data file without a journal and removes it. So does any file written again after
+    its upload while held (still open), or restored after a crash and changed."""
+    async def test(k):
+        k.store.failing.add("put")
+        await written(k, "Incoming/a", b"v1")
+        await k.truncate("Incoming/a", 1)
+        await crash(k)
+        await sync(k)
+        assert k.stored("Incoming/a") == b"v"
+    run_wb(test)
