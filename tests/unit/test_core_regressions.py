@@ -9,14 +9,16 @@ The kernel's part is played by hand: a close() of a descriptor is Core.flush(fh)
 from the descriptor counts the test keeps.
 """
 
+import contextlib
 import errno
+import math
 import os
 
 import pytest
 import trio
 import trio.testing
 from model_support import PART, ModelStore, make_core, quiet_logs, set_small_parts, ttl_passes
-from wb_support import Daemon, drain_spool, example_folder, inline_threads, remove_folder
+from wb_support import SPOOL_CAP, Daemon, drain_spool, example_folder, inline_threads, remove_folder
 
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
@@ -741,22 +743,23 @@ def test_a_failed_truncate_of_a_published_file_with_a_late_release_changes_nothi
 # ----- write-back findings (test_core_model_writeback.py) ----------------------------------
 
 
-def run_wb(test):
-    """`test(k)` against Core with write-back (as the daemon runs it), on a MockClock."""
+def run_wb(test, cap: int = SPOOL_CAP, autojump: bool = False):
+    """`test(k)` against Core with write-back (as the daemon runs it), on a MockClock that
+    moves when told (or, with `autojump`, whenever every task waits), a spool of `cap` bytes."""
     folder = example_folder()
 
     async def main():
         store = ModelStore()
         kernel = None
         async with trio.open_nursery() as nursery:
-            daemon = Daemon(store, folder, still_open=lambda fh: kernel.descs.get(fh, 0) > 0)
+            daemon = Daemon(store, folder, still_open=lambda fh: kernel.descs.get(fh, 0) > 0, cap=cap)
             kernel = Kernel(await daemon.start(nursery), store)
             kernel.daemon = daemon
             await test(kernel)
             nursery.cancel_scope.cancel()
     try:
         with inline_threads():
-            trio.run(main, clock=trio.testing.MockClock())
+            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0 if autojump else math.inf))
     finally:
         remove_folder(folder)
 
@@ -890,3 +893,22 @@ def test_wb_a_file_spooled_twice_survives_a_crash():
         await sync(k)
         assert k.stored("Incoming/a") == b"v"
     run_wb(test)
+
+
+def test_wb_a_file_failed_for_good_does_not_hold_closes_forever():
+    """WB7: a spool of 10 bytes; `a` (8 bytes) refused for good (FAILED, kept in the spool);
+    S3 well again; `cp b` (8 bytes): its close waits for room, and none ever comes (a failed
+    file leaves the spool only at the next start, when it is tried again): the program hangs
+    in close() (an hour of trio time here; for ever). After a 403 every upload fails for good,
+    so the spool fills with failed files and then every close hangs. Promised (README): a
+    close waits for uploads to make room; when no upload can, it must end (sent, or failed)."""
+    async def test(k):
+        k.store.denied.add("put")
+        await written(k, "Incoming/a", b"12345678")
+        assert k.core.files.get("Incoming/a").state is State.FAILED
+        k.store.heal()
+        with trio.move_on_after(3600) as waiting:
+            with contextlib.suppress(MinervaError):  # (a refusal, ENOSPC say, ends it too)
+                await written(k, "Incoming/b", b"abcdefgh")
+        assert not waiting.cancelled_caught, "the close of b waited an hour for room"
+    run_wb(test, cap=10, autojump=True)
