@@ -912,3 +912,34 @@ def test_wb_a_file_failed_for_good_does_not_hold_closes_forever():
                 await written(k, "Incoming/b", b"abcdefgh")
         assert not waiting.cancelled_caught, "the close of b waited an hour for room"
     run_wb(test, cap=10, autojump=True)
+
+
+class Killed(BaseException):
+    """The daemon dies here (SIGKILL): no code of it runs after this."""
+
+
+def test_wb_a_change_to_a_spooled_file_leaves_the_last_close_whole_at_a_crash():
+    """WB8: `a` spooled ("v1"; S3 down), `truncate -s 1 a`, and the daemon is killed right
+    after the truncate's ftruncate(2): at the next start `a` is gone ("not whole; left in
+    place"). The change is made to the spool's own data file (it is the staging file) before
+    the file is taken out of the spool (core._truncate, fileops._open_writer's O_TRUNC and
+    StagedHandle.write change first, then call LocalFiles.changed), so the journal names a
+    file of another size. Promised: the last close (v1) is uploaded; the truncate, which
+    never returned, may or may not be."""
+    async def test(k):
+        k.store.failing.add("put")
+        await written(k, "Incoming/a", b"v1")
+        disk = k.daemon.disk
+        real = disk.ftruncate
+
+        def dies_after(fd, size):
+            real(fd, size)
+            raise Killed
+
+        disk.ftruncate = dies_after
+        with pytest.raises(Killed):
+            await k.truncate("Incoming/a", 1)
+        await crash(k)
+        await sync(k)
+        assert k.stored("Incoming/a") in (b"v1", b"v")
+    run_wb(test)
