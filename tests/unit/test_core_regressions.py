@@ -816,6 +816,32 @@ def test_wb_unlink_while_the_upload_starts_deletes_the_file():
     run_wb(test)
 
 
+def test_wb_rename_while_the_upload_starts_moves_the_file():
+    """WB1 (rename): as above with `mv a b`: the rename deletes the old `a`, renames the
+    spooled file and its journal, but the PUT already under way was for `a`: S3 ends with
+    the new content under `a` and no `b`; the mount then lists `a`, not `b`."""
+    async def test(k):
+        k.store.add("Incoming/a", b"old")
+        await k.listing("Incoming")
+        k.store.fail_once.add("put")
+        await written(k, "Incoming/a", b"new")  # its first PUT fails: retried in 1 s
+        deleting, putting = trio.Event(), trio.Event()
+        k.store.gates.update(delete=deleting, put=putting)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.rename, "Incoming/a", "Incoming/b")
+            while "delete" not in k.store.arrived:
+                await trio.sleep(0)
+            trio.lowlevel.current_clock().jump(1)  # the retry: its PUT reaches its gate
+            await trio.testing.wait_all_tasks_blocked()
+            deleting.set()
+            await trio.testing.wait_all_tasks_blocked()
+            putting.set()
+        await sync(k)
+        assert k.stored("Incoming/b") == b"new" and k.stored("Incoming/a") is None
+        assert await k.listing("Incoming") == {"b": 3}
+    run_wb(test)
+
+
 def test_wb_spooled_file_renamed_to_a_temporary_name_is_not_sent():
     """WB2: `a` spooled (S3 down), `mv a a.part`: the journal takes the temporary name and the
     upload PUTs `Incoming/a.part`. Promised (README): a temporary name never reaches S3; a
