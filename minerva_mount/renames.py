@@ -131,9 +131,12 @@ class Renames:
         base = f.in_s3
         left_s3 = False  # the content's object goes and none takes the new name
         if base is not None and base.path == src:
-            if is_temporary(dst):
-                await f.staged.fill_all()  # the object goes; its bytes stay here
-                left_s3 = True
+            if is_temporary(dst) or (f.dirty and f.writers == 0):
+                # The object goes; its bytes stay here. (A changed file goes up under `dst`
+                # below, bringing them here anyway: a copy would show S3's old bytes under
+                # the new name until then, for as long as a write-back upload takes.)
+                await f.staged.fill_all()
+                left_s3 = is_temporary(dst)
             else:
                 etag = await self.store.copy(src, dst, base.size)
                 f.staged.rebase(ObjectInfo(dst, base.size, base.mtime, etag))

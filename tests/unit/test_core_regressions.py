@@ -969,3 +969,23 @@ def test_wb_a_change_to_a_spooled_file_leaves_the_last_close_whole_at_a_crash():
         await sync(k)
         assert k.stored("Incoming/a") in (b"v1", b"v")
     run_wb(test)
+
+
+def test_wb_changed_file_renamed_to_a_final_name_shows_no_old_bytes_there():
+    """WB9 (the 20,000-example run): `a.part` in S3 ("old", a pipeline's), truncated to 0 here
+    (held, kept back: a temporary name); S3 refuses uploads; `mv a.part a`: the rename copies
+    the old object to `a` (so the held copy could still fill from it), then spools the new
+    content. Until the upload (for ever, if it fails for good) S3 shows `a` with bytes the
+    file never had under that name. A changed file that goes up at the rename needs no copy:
+    its bytes are brought here (as the upload does anyway). Promised (README): each file
+    appears in S3 whole, once, under its final name."""
+    async def test(k):
+        k.store.add("Incoming/a.part", b"old")
+        await k.truncate("Incoming/a.part", 0)
+        k.store.failing.add("put")
+        await k.rename("Incoming/a.part", "Incoming/a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert k.stored("Incoming/a") in (None, b"")
+        await sync(k)
+        assert k.stored("Incoming/a") == b"" and k.stored("Incoming/a.part") is None
+    run_wb(test)
