@@ -166,6 +166,21 @@ class WriteBackModel(CoreModel):
             self.unjournaled.add(f)
         self.linked.add(f)
 
+    async def _close(self, i: int, release_now: bool):
+        # WB6: a last writer's close spools the file again, even with the bytes it had.
+        h = self.descs[i]
+        last_writer = h.writable and h.descs == 1 and not self.open_writers(h.file, but=h)
+        try:
+            await super()._close(i, release_now)
+        finally:
+            if last_writer and h.file in self.linked:
+                self.unjournaled.add(h.file)
+
+    def _truncated(self, f: File, size: int) -> None:
+        super()._truncated(f, size)
+        if f in self.linked:
+            self.unjournaled.add(f)  # WB6: a truncate by path spools it again
+
     async def _release(self, h):
         await super()._release(h)
         f = h.file
