@@ -8,6 +8,7 @@ LIST per 1,000 entries and no HEAD per file. Files held locally (being written, 
 back under a temporary name) belong to localfiles.py and are shown on top of the listing.
 """
 
+import contextlib
 import logging
 import stat
 import time
@@ -170,6 +171,8 @@ class Core(FileOps, Renames):
     # ----- attributes ---------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes) -> Node:
+        with contextlib.suppress(InvalidName):  # _child answers it
+            self.listings.list_ahead(self._dir(parent_inode).path, check_name(name), self.nursery)
         path, entry = await self._child(parent_inode, name)
         node = self._node_for(path, entry)
         node.lookups += 1
@@ -329,11 +332,19 @@ class Core(FileOps, Renames):
     async def warm(self) -> None:
         """At mount start: list the root, so the first lookups and a file manager's probes
         there (`.Trash`, `.hidden`) cost no round trip while the user waits; Incoming/ and
-        Outgoing/ resolve without it (see `_entry`)."""
-        try:
-            await self._listing("")
-        except MinervaError as exc:
-            log.warning("could not list the mount root at start: %s", exc)
+        Outgoing/ resolve without it (see `_entry`). A second LIST of it at the same time
+        leaves a second connection open: a cold path walk lists two folders at once
+        (listings.list_ahead), and a connection opened then costs its handshake (a round trip,
+        two with TLS) on the way to the first byte: 0.21 s instead of 0.15 at 40 ms RTT."""
+        async def second_connection() -> None:
+            with contextlib.suppress(MinervaError):
+                await self.store.list_dir_page("")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second_connection)
+            try:
+                await self._listing("")
+            except MinervaError as exc:
+                log.warning("could not list the mount root at start: %s", exc)
 
     def restore_spooled(self, journal, fd: int) -> None:
         """Write-back: a file an earlier run left in the spool is held (and shown) again."""

@@ -36,6 +36,14 @@ class FakeStore:
 
     async def list_dir(self, path: str) -> Listing:
         await self._enter("list")
+        return self._listing(path)
+
+    async def list_dir_page(self, path: str) -> Listing | None:
+        await self._enter("list")
+        listing = self._listing(path)
+        return listing if len(listing.files) + len(listing.dirs) <= 1000 else None
+
+    def _listing(self, path: str) -> Listing:
         files, dirs = [], set()
         for key, (_, info) in sorted(self.objects.items()):
             if not key.startswith(path) or key == path:

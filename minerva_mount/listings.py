@@ -128,19 +128,23 @@ class ListingCache(cachetools.TTLCache):
 
     # ----- what the core calls ----------------------------------------------------------
 
-    async def fetch(self, dir_path: str) -> Entries:
-        """List `dir_path` in S3 (one LIST in flight per folder), cache it, report changes."""
+    async def fetch(self, dir_path: str, one_page: bool = False) -> Entries | None:
+        """List `dir_path` in S3 (one LIST in flight per folder), cache it, report changes.
+        `one_page`: only if one LIST page holds it all, else None (see `list_ahead`)."""
         fetch = self._inflight.get(dir_path)
         if fetch is not None and not fetch.stale:
             await fetch.done.wait()
             if fetch.error is not None:
                 raise fetch.error
-            return fetch.entries
+            if fetch.entries is not None or one_page:
+                return fetch.entries
+            return await self.fetch(dir_path)  # that was a look at one page of a larger folder
         fetch = self._inflight[dir_path] = _Fetch()
         started = trio.current_time()
+        path = dir_path + "/" if dir_path else ""
         try:
-            listing = await self._store.list_dir(dir_path + "/" if dir_path else "")
-            fetch.entries = self._convert(dir_path, listing)
+            listing = await (self._store.list_dir_page(path) if one_page else self._store.list_dir(path))
+            fetch.entries = None if listing is None else self._convert(dir_path, listing)
         except MinervaError as exc:
             fetch.error = exc
             raise
@@ -151,9 +155,38 @@ class ListingCache(cachetools.TTLCache):
             fetch.done.set()
             if self._inflight.get(dir_path) is fetch:
                 del self._inflight[dir_path]
-        if not fetch.stale:
+        if not fetch.stale and fetch.entries is not None:
             self._store_listing(dir_path, fetch.entries, started)
         return fetch.entries
+
+    def list_ahead(self, dir_path: str, name: str, nursery: trio.Nursery) -> None:
+        """A lookup of `name` is about to list `dir_path`: list `dir_path/name` beside it.
+
+        A cold path walk (`head -c 1 ~/minerva/Outgoing/a/b/c/file` on a fresh mount) asks
+        the kernel's lookups one level at a time, each waiting for its folder's LIST: one round
+        trip per level. If `name` is a folder, the walk goes on into it, and its listing is
+        then on its way or there: two levels per round trip (5 sequential round trips down to
+        the first byte of that file become 3). Costs at most one LIST page per LIST of a
+        folder (wasted when `name` is a file or missing, or holds more than one page: a `stat`
+        of a folder of 10,000 objects must not list them all); kept only if `name` is a folder.
+        """
+        child = join(dir_path, name)
+        if (self.get(dir_path) is not None or dir_path in self._inflight  # one per LIST of the folder
+                or child in self._inflight or self.get(child) is not None):
+            return
+        nursery.start_soon(self._ahead, dir_path, name, child)
+
+    async def _ahead(self, dir_path: str, name: str, child: str) -> None:
+        try:
+            await self.fetch(child, one_page=True)
+        except MinervaError as exc:
+            log.debug("listing %s ahead of a lookup failed: %s", child, exc)
+            return
+        if (parent := self._inflight.get(dir_path)) is not None:
+            await parent.done.wait()
+        entries = self.get(dir_path)
+        if entries is not None and entries.get(name, GONE) is not DIR:
+            self.pop(child, None)  # a file, or nothing: the listing answers no question
 
     def forget(self, dir_path: str) -> None:
         """The folder changed through the mount: the next use lists it again."""

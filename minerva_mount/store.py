@@ -285,6 +285,15 @@ class S3Store:
         except MinervaError as exc:
             out.append(exc)
 
+    async def list_dir_page(self, path: str) -> Listing | None:
+        """The folder's listing if one LIST page holds it all (1,000 keys), else None."""
+        base = self._key(path)
+        body = await self._list_body(path, {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/"})
+        if next_token(body):
+            return None
+        page = await trio.to_thread.run_sync(parse_list_page, body, base, path, limiter=self._limiter)
+        return Listing(page.files, page.dirs)
+
     async def _list_body(self, path: str, params: dict) -> bytes:
         return await self._call("list", path, lambda c: self._get_list_page(c, params))
 

@@ -8,7 +8,8 @@ signatures: a header dropped after signing must leave them valid):
   makes costs its marker's PUT and no LIST (it is known empty);
 - the files of a copy go over the connection already open, not one each;
 - a cold first read takes the connection its lookups' LISTs opened (one pool serves every
-  kind of request), rather than paying a handshake (TCP, and TLS on the real service).
+  kind of request), rather than paying a handshake (TCP, and TLS on the real service); its
+  walk, two LISTs at a time, takes connections the mount opened at start.
 """
 
 import json
@@ -150,9 +151,12 @@ def test_a_small_file_copied_in_costs_one_put_without_expect(proxy, mount_factor
 def test_a_cold_first_read_takes_the_connection_its_lookups_opened(proxy, mount_factory, local_minerva):
     local_minerva.put("Incoming/a/b/c/file", b"first byte, then the rest")
     mount = mount_factory(extra=("--s3-endpoint-url", proxy.url))
+    connections_before = proxy.connections
     out = subprocess.run(["head", "-c", "1", str(mount.path / "Incoming/a/b/c/file")],
                          capture_output=True, check=True).stdout
     assert out == b"f"
+    # the walk lists two folders at a time (one ahead): both on connections opened at start
+    assert proxy.connections == connections_before, "the walk opened a connection"
     sent = requests(mount)
     assert sent["get"] == 1 and set(sent) == {"list", "get"}, sent
     (get_connection, _, _), = proxy.requests("GET /" + local_minerva.bucket + "/" + local_minerva.prefix)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
@@ -15,10 +16,10 @@ from minerva_mount.namespace import ROOT_INODE
 WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
 
-def run(test):
+def run(test, store=None):
     """Run `test(core, store)` inside a nursery that owns the core's background tasks."""
-    async def main():
-        store = FakeStore()
+    async def main(store=store):
+        store = store or FakeStore()
         async with trio.open_nursery() as nursery:
             await test(Core(store, nursery), store)
             nursery.cancel_scope.cancel()
@@ -206,6 +207,7 @@ def test_a_listing_that_started_before_a_publish_is_not_cached():
     """A LIST answered before a file was published must not hide that file afterwards."""
     async def test(core, store):
         incoming = await inode_of(core, "Incoming")
+        await trio.testing.wait_all_tasks_blocked()  # the lookup's list-ahead of Incoming is done
         # Opened before the LIST starts: a create in the same folder would wait for that
         # LIST (one LIST in flight per folder) rather than list again.
         fh_new, _ = await core.create(incoming, b"new.txt", WRITE_NEW)

@@ -33,17 +33,71 @@ def test_complete_listing_answers_absent_names_without_requests():
     run(test)
 
 
+class CountingStore(FakeStore):
+    """A FakeStore that notes which folders it listed, and can hold LISTs until `gate` opens."""
+
+    def __init__(self):
+        super().__init__()
+        self.listed: list[str] = []
+        self.gate = trio.Event()
+        self.gate.set()
+
+    async def list_dir(self, path):
+        self.listed.append(path)
+        await self.gate.wait()
+        return await super().list_dir(path)
+
+    async def list_dir_page(self, path):
+        self.listed.append(path)
+        await self.gate.wait()
+        return await super().list_dir_page(path)
+
+
 def test_concurrent_lookups_in_a_cold_folder_share_one_list():
     async def test(core, store):
         store.add("Outgoing/a.csv", b"a")
         outgoing = await inode_of(core, "Outgoing")
+        await trio.testing.wait_all_tasks_blocked()  # what that walk listed ahead is done
         core.listings.clear()
-        lists = store.requests["list"]
+        store.listed.clear()
         async with trio.open_nursery() as nursery:
             for _ in range(5):
                 nursery.start_soon(core.lookup, outgoing, b"a.csv")
-        assert store.requests["list"] == lists + 1
-    run(test)
+        await trio.testing.wait_all_tasks_blocked()
+        # the folder once, and once what a walk would go into next (a.csv is a file: not kept)
+        assert sorted(store.listed) == ["Outgoing/", "Outgoing/a.csv/"]
+        assert core.listings.get("Outgoing/a.csv") is None
+    run(test, store=CountingStore())
+
+
+def test_a_cold_path_walk_lists_the_next_folder_beside_its_parent():
+    """`head -c 1 Outgoing/a/b/c/file` on a fresh mount: the kernel looks up one level at a
+    time; each cold lookup lists the next level at the same time, so the walk waits for two
+    rounds of LISTs instead of four."""
+    async def test(core, store):
+        store.add("Outgoing/a/b/c/file", b"first byte")
+        outgoing = await inode_of(core, "Outgoing")
+        await trio.testing.wait_all_tasks_blocked()  # what that walk listed ahead is done
+        core.listings.clear()
+        store.listed.clear()
+        store.gate = trio.Event()
+        rounds = []
+        async with trio.open_nursery() as nursery:
+            async def walk():
+                node = outgoing
+                for name in (b"a", b"b", b"c", b"file"):
+                    node = (await core.lookup(node, name)).inode
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(walk)
+            while True:  # each round: let what is waiting get listed, as one round trip would
+                await trio.testing.wait_all_tasks_blocked()
+                rounds.append(sorted(store.listed))
+                store.listed.clear()
+                waiting, store.gate = store.gate, trio.Event()  # later LISTs wait for the next round
+                waiting.set()
+        assert rounds == [["Outgoing/", "Outgoing/a/"], ["Outgoing/a/b/", "Outgoing/a/b/c/"]]
+        assert core.listings.get("Outgoing/a/b/c") is not None  # a folder: its listing is kept
+    run(test, store=CountingStore())
 
 
 class GatedStore(FakeStore):

@@ -9,7 +9,7 @@ states. The counts are those of the issue: an unchanged folder of 1,000 objects 
 
 import trio
 import trio.testing
-from test_core import inode_of
+from test_core import inode_of as walk
 
 from minerva_mount import listings
 from minerva_mount.core import Core
@@ -29,10 +29,23 @@ class TimedStore(FakeStore):
         self.lists.setdefault(path.rstrip("/"), []).append(trio.current_time())
         return await super().list_dir(path)
 
+    async def list_dir_page(self, path: str):  # a lookup's list-ahead (listings.list_ahead)
+        self.lists.setdefault(path.rstrip("/"), []).append(trio.current_time())
+        return await super().list_dir_page(path)
+
 
 def fill(store: FakeStore, folder: str, count: int) -> None:
     for i in range(count):
         store.add(f"{folder}/f{i:06d}.csv", b"x")
+
+
+async def inode_of(core, path: str) -> int:
+    """The folder's inode, its parents listed first: the lookups then list nothing ahead
+    (listings.list_ahead), so the LISTs counted here are the refresher's and opendir's."""
+    parts = path.split("/")
+    for depth in range(len(parts)):
+        await core.listings.fetch("/".join(parts[:depth]))
+    return await walk(core, path)
 
 
 def on_mock_clock(test, refresh_interval: float = 10.0):
