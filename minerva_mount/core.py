@@ -229,7 +229,7 @@ class Core(FileOps, Renames):
             f = await self._hold(node, keep=True)
         before = (f.size, f.state, f.dirty, f.created_empty)
         try:
-            await self.files.settle(f)
+            await self.files.before_change(f)
             if f.upload is not None:
                 try:
                     await f.upload.truncate(size)

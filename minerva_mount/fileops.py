@@ -121,6 +121,7 @@ class FileOps:
             f = await self._hold(node, keep=not truncate, base=empty)
         await self.files.settle(f)
         if truncate and f.size:
+            await self.files.before_change(f)
             await f.staged.truncate(0)
             self.files.changed(f)
         if not created and flags & os.O_TRUNC:

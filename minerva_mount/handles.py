@@ -66,7 +66,7 @@ class StagedHandle(Handle):
 
     async def write(self, files: LocalFiles, offset: int, data: bytes) -> int:
         f = self.file
-        await files.settle(f)  # a publish under way sends what was there at close
+        await files.before_change(f)  # a publish under way sends what was there at close
         written = await f.staged.write(offset, data)
         if not self.writing and f.state is not State.DETACHED:
             self.writing = True

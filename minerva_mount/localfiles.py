@@ -23,6 +23,7 @@ keep working on its content, and it is never sent. `publish` is the only place t
 held file to S3.
 """
 
+import contextlib
 import enum
 import logging
 import time
@@ -187,7 +188,8 @@ class LocalFiles:
         if writer:
             f.writers += 1
             if f.state in (State.KEPT_BACK, State.PUBLISHED, State.FAILED, State.SPOOLED):
-                self._unspool(f)  # to be changed: a crash must not send it half changed
+                # (A spooled version stays in the spool until the next close makes a newer
+                # one durable: a crash meanwhile sends the last closed one; see before_change.)
                 f.state, f.error = State.STAGED, None
         self._update_idle()
 
@@ -226,8 +228,7 @@ class LocalFiles:
         f.dirty, f.created_empty = True, False
         f.mtime = time.time()
         if f.state in (State.PUBLISHED, State.FAILED, State.KEPT_BACK, State.SPOOLED):
-            self._unspool(f)
-            f.state, f.error = State.STAGED, None
+            f.state, f.error = State.STAGED, None  # (a spooled version stays: see before_change)
         if (f.state, f.dirty) != before:  # every write comes here: scan the table only on a change
             self._update_idle()
 
@@ -283,8 +284,33 @@ class LocalFiles:
             self.writeback.renamed(f)
 
     async def settle(self, f: LocalFile) -> None:
-        """Wait while the file is being published (renames and unlinks are ordered after it)."""
-        await f.settled.wait()
+        """Wait while the file is being published or renamed (renames, unlinks and uploads
+        are ordered after it). Returns at once, without a checkpoint, if it is neither: the
+        caller's next step then happens before any other task's."""
+        while not f.settled.is_set():
+            await f.settled.wait()
+
+    @contextlib.asynccontextmanager
+    async def changing(self, f: LocalFile):
+        """A rename or unlink of `f` under way: no upload of it starts meanwhile (one that had
+        started is waited for first). Without this an upload started while the rename waited
+        for S3 went out under the old name (WB1). Nothing inside may wait for `f` to settle."""
+        await self.settle(f)
+        f.settled = trio.Event()
+        try:
+            yield
+        finally:
+            f.settled.set()
+
+    async def before_change(self, f: LocalFile) -> None:
+        """Called before the content of a held file is written or truncated. A file whose
+        last closed version is in the write-back spool as its staging file itself goes on in
+        a copy: that version stays whole for a crash to send, until the next close makes the
+        new one durable (WB4, WB8)."""
+        await self.settle(f)
+        if f.spooled is not None and f.spooled.linked:
+            await f.staged.fork()
+            f.spooled.linked = False
 
     async def publish(self, f: LocalFile) -> None:
         """The one place that sends a held file: as one object, under its name, once.
@@ -292,7 +318,7 @@ class LocalFiles:
         A temporary name, or a file created without being opened for writing and never
         written, is kept back instead (sent when renamed to a final name, or written).
         """
-        await f.settled.wait()
+        await self.settle(f)
         if f.state not in (State.STREAMING, State.STAGED, State.KEPT_BACK) or self.get(f.path) is not f:
             return
         if not f.dirty:  # nothing to send (also under a temporary name: nothing to hold)
@@ -346,6 +372,7 @@ class LocalFiles:
 
     async def send_spooled(self, f: LocalFile) -> None:
         """Write-back's background upload of a spooled file (writeback.WriteBack._upload)."""
+        await self.settle(f)
         if f.state is not State.SPOOLED or self.get(f.path) is not f:
             return
         f.state, f.settled = State.PUBLISHING, trio.Event()
@@ -370,7 +397,7 @@ class LocalFiles:
         f.state, f.error = State.FAILED, exc
         if f.spooled is not None:
             f.spooled.failed = str(exc)
-            f.spooled.save()
+            self.writeback.failed(f)
         self._update_idle()
 
     def restored(self, path: str, staged: Staged, journal) -> LocalFile:

@@ -7,6 +7,7 @@ is visible before the old one goes; a held file takes its new name locally and i
 under the final name. A file renamed TO a temporary name leaves S3 and is held here.
 """
 
+import contextlib
 import errno
 import logging
 
@@ -48,12 +49,14 @@ class Renames:
         if f is not None:
             await self.files.settle(f)  # a publish under way completes first, then goes
             f = self.files.get(path)
+        # (No upload of it starts meanwhile: it would bring the name back.)
+        async with self.files.changing(f) if f is not None else contextlib.nullcontext():
             if f is not None and f.opens and f.staged is not None and f.in_s3 is not None:
                 await f.staged.fill_all()  # its handles keep working once the object is gone
-        if self._key(path) != path or await self._in_s3(path):
-            await self.store.delete(self._key(path))  # first: a refused unlink changes nothing
-        if f is not None and self.files.get(path) is f:
-            self.files.detach(f)
+            if self._key(path) != path or await self._in_s3(path):
+                await self.store.delete(self._key(path))  # first: a refused unlink changes nothing
+            if f is not None and self.files.get(path) is f:
+                self.files.detach(f)
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.inodes.removed(path)
 
@@ -128,6 +131,23 @@ class Renames:
             raise busy(f"{src} is being uploaded (parts sent); rename it after it is closed")
         if f.upload is not None and is_temporary(dst):
             await self._restage(f)  # kept back under the temporary name: its bytes go to disk
+        async with self.files.changing(f):  # no upload starts under the old name meanwhile
+            left_s3 = await self._move_held(f, src, dst)
+        if left_s3:
+            self.files.unsent(f)  # held under the temporary name even if unchanged
+        if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
+            try:
+                await self.files.publish(f)
+            except MinervaError:
+                if self.files.get(dst) is f:  # keep it, under its old name, for a retry
+                    self.files.renamed(f, src)
+                    self.files.restore(f, State.KEPT_BACK, True, f.created_empty)
+                raise
+
+    async def _move_held(self, f: LocalFile, src: str, dst: str) -> bool:
+        """S3 loses the old name (its object copied to `dst` if the content still comes from
+        it); the held file takes the new one. Whether the content's object went with none
+        taking the new name."""
         base = f.in_s3
         left_s3 = False  # the content's object goes and none takes the new name
         if base is not None and base.path == src:
@@ -143,16 +163,7 @@ class Renames:
         if await self._in_s3(src):
             await self.store.delete(src)
         self.files.renamed(f, dst)
-        if left_s3:
-            self.files.unsent(f)  # held under the temporary name even if unchanged
-        if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
-            try:
-                await self.files.publish(f)
-            except MinervaError:
-                if self.files.get(dst) is f:  # keep it, under its old name, for a retry
-                    self.files.renamed(f, src)
-                    self.files.restore(f, State.KEPT_BACK, True, f.created_empty)
-                raise
+        return left_s3
 
     async def _rename_dir(self, src: str, dst: str, target) -> None:
         if target is not MISSING and target is not DIR:
@@ -168,12 +179,15 @@ class Renames:
                        "rename the folder once it is")
         objects = await self.store.list_tree(src + "/")
         check_keys(src, dst, objects)
-        try:
-            await move_tree(self.store, src, dst, objects)
-        finally:  # also after a failure: the copies it made show at once
-            for path in [p for p in self.listings
-                         if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:
-                self.listings.forget(path)
-        for f in self.files.under(src):  # published, still open: they go on under the new names
-            self.files.renamed(f, dst + f.path[len(src):])
+        async with contextlib.AsyncExitStack() as held:
+            for f in self.files.under(src):  # spooled ones: no upload under the old names meanwhile
+                await held.enter_async_context(self.files.changing(f))
+            try:
+                await move_tree(self.store, src, dst, objects)
+            finally:  # also after a failure: the copies it made show at once
+                for path in [p for p in self.listings
+                             if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:
+                    self.listings.forget(path)
+            for f in self.files.under(src):  # still open, or spooled: on under the new names
+                self.files.renamed(f, dst + f.path[len(src):])
 

@@ -108,6 +108,16 @@ class StagingArea:
             raise MinervaError(f"{path}: staging truncate failed: {exc.strerror}") from None
 
 
+def copy_all(source: int, target: int, size: int) -> None:
+    """Bytes [0, size) of `source` into `target` (a reflink where the file system has them)."""
+    offset = 0
+    while offset < size:
+        sent = os.copy_file_range(source, target, size - offset, offset, offset)
+        if sent <= 0:
+            raise OSError(errno.EIO, "short copy")
+        offset += sent
+
+
 def check_size(path: str, size: int) -> None:
     if size > MAX_SIZE:
         log.warning("refused size %d for %s: more than S3's 5 TiB limit (EFBIG)", size, path)
@@ -157,6 +167,22 @@ class Staged:
     @property
     def uploaded(self) -> int:
         return self.sender.uploaded if self.sender else 0
+
+    async def fork(self) -> None:
+        """Go on in a copy of the content: the write-back spool keeps this file, the last
+        closed version, until the next close makes a newer one durable (writeback.py)."""
+        async with self._lock:
+            fd = self.area.new_file()
+            try:
+                await trio.to_thread.run_sync(copy_all, self._fd, fd, self.size)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    log.error("copy of %s refused: the staging disk is full (ENOSPC)", self.path)
+                    raise NoSpace(f"{self.path}: the staging disk is full") from None
+                raise MinervaError(f"{self.path}: staging copy failed: {exc.strerror}") from None
+            os.close(self._fd)
+            self._fd = fd
 
     def close(self) -> None:
         """Give the disk space back."""

@@ -32,11 +32,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import trio
 
 from .errors import MinervaError
+from .staging import copy_all
 
 log = logging.getLogger("minerva.writeback")
 
@@ -54,6 +55,7 @@ CONCURRENT_SMALL, CONCURRENT_LARGE = 16, 4
 BURST_GAP, BURST_WIDTH = 0.05, 2
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # backoff of a failed background upload, seconds
 JOURNAL_XATTR = "user.minerva.journal"
+SAVED = ("id", "key", "size", "mtime", "upload_id", "parts", "failed")  # what a journal holds
 PERMANENT = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EFBIG, errno.EINVAL}
 
 
@@ -69,6 +71,8 @@ class Journal:
     parts: dict[int, str] = field(default_factory=dict)
     failed: str | None = None
     spool: "Spool | None" = field(default=None, repr=False, compare=False)
+    counted: bool = field(default=True, repr=False, compare=False)  # in Spool.used
+    linked: bool = field(default=False, repr=False, compare=False)  # the data file is the staging file
 
     def started(self, upload_id: str) -> None:
         self.upload_id, self.parts = upload_id, {}
@@ -111,38 +115,33 @@ class Spool:
         was promised); `scan` removes it."""
         journal = Journal(os.urandom(8).hex(), key, size, mtime, spool=self)
         name = f"{journal.id}.data"
+        data_fd = content_fd
         try:
             os.link(f"/proc/self/fd/{content_fd}", name, dst_dir_fd=self.fd, follow_symlinks=True)
-        except OSError:  # not an O_TMPFILE file (a file system without it): copy instead
-            self._copy(content_fd, name, size)
-        if self.xattrs:
-            try:
-                os.setxattr(content_fd, JOURNAL_XATTR, _encoded(journal))
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ENOSPC):
-                    raise
-                log.info("spool: no extended attributes here (%s); journals go to files", exc.strerror)
-                self.xattrs = False
-        os.fsync(content_fd)
+        except OSError:  # no O_TMPFILE here, or one linked before (Linux links those once): a copy
+            data_fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=self.fd)
+        try:
+            if data_fd != content_fd:
+                copy_all(content_fd, data_fd, size)
+            if self.xattrs:
+                try:
+                    os.setxattr(data_fd, JOURNAL_XATTR, _encoded(journal))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ENOSPC):
+                        raise
+                    log.info("spool: no extended attributes here (%s); journals go to files", exc.strerror)
+                    self.xattrs = False
+            os.fsync(data_fd)
+        finally:
+            if data_fd != content_fd:
+                os.close(data_fd)
         if not self.xattrs:
             self.write_journal(journal)
         else:
             os.fsync(self.fd)  # the name
         self.used += size
+        journal.linked = data_fd == content_fd
         return journal
-
-    def _copy(self, content_fd: int, name: str, size: int) -> None:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=self.fd)
-        try:
-            offset = 0
-            while offset < size:
-                sent = os.copy_file_range(content_fd, fd, size - offset, offset, offset)
-                if sent <= 0:
-                    raise OSError(errno.EIO, "short copy into the spool")
-                offset += sent
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def remove(self, journal: Journal) -> None:
         """The file is in S3 (or deleted): journal first, so no journal names missing data.
@@ -153,9 +152,13 @@ class Spool:
         os.fsync(self.fd)
 
     def freed(self, journal: Journal) -> None:
-        self.used = max(self.used - journal.size, 0)
-        self.room.set()
-        self.room = trio.Event()
+        """Its bytes no longer count toward the cap (gone, or failed for good: those wait for
+        the next start, and a close must not wait for them for ever)."""
+        if journal.counted:
+            journal.counted = False
+            self.used = max(self.used - journal.size, 0)
+            self.room.set()
+            self.room = trio.Event()
 
     def scan(self) -> list[tuple[Journal, int]]:
         """What an earlier run left: (journal, content fd) for each whole entry; the rest
@@ -190,6 +193,7 @@ class Spool:
                 os.close(fd)
                 continue
             self.used += journal.size
+            journal.linked = True  # the held file's content is this data file
             found.append((journal, fd))
         return found
 
@@ -216,7 +220,7 @@ class Spool:
 
 
 def _encoded(journal: Journal) -> bytes:
-    return json.dumps({k: v for k, v in asdict(journal).items() if k != "spool"}).encode()
+    return json.dumps({k: getattr(journal, k) for k in SAVED}).encode()
 
 
 class WriteBack:
@@ -236,7 +240,8 @@ class WriteBack:
         """The last close of `f` (localfiles.LocalFiles.publish): spool it, waiting for room."""
         staged = f.staged
         await staged.fill_all()  # every byte local: the object it started from may change
-        while self.spool.used and self.spool.used + staged.size > self.spool.cap:
+        older = f.spooled  # the last closed version, kept while this one was written
+        while self.spool.used and self._used_besides(older) + staged.size > self.spool.cap:
             log.info("spool full (%d of %d bytes): %s waits for uploads to make room",
                      self.spool.used, self.spool.cap, f.path)
             await self.spool.room.wait()
@@ -244,10 +249,16 @@ class WriteBack:
             staged.mtime = time.time()
         f.spooled = await trio.to_thread.run_sync(
             self.spool.add, staged.fd, f.path, staged.size, staged.mtime)
+        if older is not None:
+            self.spool.remove(older)
+            self.spool.freed(older)
         self._last_spooled = trio.current_time()
         self._small.total_tokens = BURST_WIDTH
         self._pending.append(f)
         self.wake()
+
+    def _used_besides(self, journal) -> int:
+        return self.spool.used - (journal.size if journal is not None and journal.counted else 0)
 
     def renamed(self, f) -> None:
         """A spooled file took a new name before its upload: the journal follows (an upload
@@ -256,18 +267,25 @@ class WriteBack:
         f.spooled.save()
 
     def forget(self, f) -> None:
-        """The file leaves the spool before its upload (deleted, or about to change: a crash
-        must then not send it): at once, before anything else may touch its content."""
+        """The file leaves the spool before its upload (deleted, or renamed to a temporary
+        name): at once."""
         if f.spooled is not None:
             journal, f.spooled = f.spooled, None
             self.spool.remove(journal)
             self.spool.freed(journal)
+
+    def failed(self, f) -> None:
+        """Its upload cannot succeed: kept in the spool (tried again at the next start)."""
+        f.spooled.save()
+        self.spool.freed(f.spooled)
 
     async def uploaded(self, f) -> None:
         """The file is in S3: its entry goes, off the event loop (0.3 ms of unlinks and an
         fsync per file, which a copy in progress would otherwise wait for). Called while the
         file is still PUBLISHING, so nothing writes to it until the entry is gone."""
         journal, f.spooled = f.spooled, None
+        if journal is None:
+            return
         try:
             await trio.to_thread.run_sync(self.spool.remove, journal)
         except OSError as exc:  # it would be sent again at the next start: a duplicate, whole

@@ -89,9 +89,12 @@ def seed_scheduler(seed: int) -> None:
 
 def drained(core) -> bool:
     """Every file whose close returned is in S3, or failed for good (FAILED, kept in the
-    spool). Not `files.idle` (unset while a file is open with changes) nor `files.spooled()`
-    (a file being uploaded is PUBLISHING, not SPOOLED)."""
-    return all(f.spooled is None or f.state is State.FAILED for f in core.files)
+    spool), or open for writing again: its last closed version stays in the spool for a crash
+    to send until its next close makes a newer one durable (LocalFiles.before_change). Not
+    `files.idle` (unset while a file is open with changes) nor `files.spooled()` (a file
+    being uploaded is PUBLISHING, not SPOOLED)."""
+    return all(f.spooled is None or f.state is State.FAILED
+               or (f.state is State.STAGED and f.writers > 0) for f in core.files)
 
 
 async def drain_spool(core, limit: float = DRAIN_LIMIT) -> None:
