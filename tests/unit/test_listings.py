@@ -53,13 +53,19 @@ class CountingStore(FakeStore):
         return await super().list_dir_page(path)
 
 
+async def cold_outgoing(core, store: CountingStore) -> int:
+    """Outgoing's inode, with nothing listed any more and nothing counted yet."""
+    outgoing = await inode_of(core, "Outgoing")
+    await trio.testing.wait_all_tasks_blocked()  # what that walk listed ahead is done
+    core.listings.clear()
+    store.listed.clear()
+    return outgoing
+
+
 def test_concurrent_lookups_in_a_cold_folder_share_one_list():
     async def test(core, store):
         store.add("Outgoing/a.csv", b"a")
-        outgoing = await inode_of(core, "Outgoing")
-        await trio.testing.wait_all_tasks_blocked()  # what that walk listed ahead is done
-        core.listings.clear()
-        store.listed.clear()
+        outgoing = await cold_outgoing(core, store)
         async with trio.open_nursery() as nursery:
             for _ in range(5):
                 nursery.start_soon(core.lookup, outgoing, b"a.csv")
@@ -76,10 +82,7 @@ def test_a_cold_path_walk_lists_the_next_folder_beside_its_parent():
     rounds of LISTs instead of four."""
     async def test(core, store):
         store.add("Outgoing/a/b/c/file", b"first byte")
-        outgoing = await inode_of(core, "Outgoing")
-        await trio.testing.wait_all_tasks_blocked()  # what that walk listed ahead is done
-        core.listings.clear()
-        store.listed.clear()
+        outgoing = await cold_outgoing(core, store)
         store.gate = trio.Event()
         rounds = []
         async with trio.open_nursery() as nursery:
