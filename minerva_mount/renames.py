@@ -182,8 +182,14 @@ class Renames:
         async with contextlib.AsyncExitStack() as held:
             for f in self.files.under(src):  # spooled ones: no upload under the old names meanwhile
                 await held.enter_async_context(self.files.changing(f))
+            # A spooled file's object is superseded by the spool's version, which goes up under
+            # the new name: deleted, not copied (S3 never shows its old bytes there).
+            superseded = {f.path for f in self.files.under(src) if f.spooled is not None}
             try:
-                await move_tree(self.store, src, dst, objects)
+                for info in objects:
+                    if info.path in superseded:
+                        await self.store.delete(info.path)
+                await move_tree(self.store, src, dst, [o for o in objects if o.path not in superseded])
             finally:  # also after a failure: the copies it made show at once
                 for path in [p for p in self.listings
                              if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:

@@ -989,3 +989,23 @@ def test_wb_changed_file_renamed_to_a_final_name_shows_no_old_bytes_there():
         await sync(k)
         assert k.stored("Incoming/a") == b"" and k.stored("Incoming/a.part") is None
     run_wb(test)
+
+
+def test_wb_folder_rename_shows_no_old_bytes_of_a_spooled_file():
+    """WB10 (the model, on 463ca99): `e/a` uploaded ("old"), written again ("new", spooled;
+    S3 down), `mv e d`: the folder move copies every object under `e/`, the superseded "old"
+    too: S3 shows `d/a` with the old bytes until the upload (for ever if it fails for good).
+    As WB9 for a single file: a spooled file's object is deleted, not copied; its content goes
+    up under the new name."""
+    async def test(k):
+        await k.mkdir("Incoming/e")
+        await written(k, "Incoming/e/a", b"old")
+        assert k.stored("Incoming/e/a") == b"old"
+        k.store.fail_once.add("put")
+        await written(k, "Incoming/e/a", b"new")
+        await k.rename("Incoming/e", "Incoming/d")
+        assert k.stored("Incoming/d/a") is None and k.stored("Incoming/e/a") is None
+        await sync(k)
+        assert k.stored("Incoming/d/a") == b"new" and k.stored("Incoming/e/a") is None
+        assert await k.listing("Incoming/d") == {"a": 3}
+    run_wb(test)
