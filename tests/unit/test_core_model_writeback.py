@@ -25,13 +25,13 @@ What the model changes
   EOPNOTSUPP after a first part.
 - PROMISE not made: a change made outside (a pipeline's PUT or DELETE) of a file whose upload
   is still to come is overwritten by that upload; the model makes none to such files.
+- PROMISE not made: a file opened for writing again is not sent by a `sync` while open (its
+  last closed version stays in the spool, sent after a crash, replaced by its next close).
 
-Findings the model still meets (each pinned in test_core_regressions.py, "write-back") are
-in TOLERATED: the model steers around them, so that a run finds what is new. WB_MODEL_STRICT=1
-turns that off (to see them again, or after their fix).
+What it found is pinned in test_core_regressions.py (test_wb_*, WB1-WB10), each the
+shortest sequence, as plain Core calls.
 """
 
-import functools
 import math
 import os
 
@@ -49,38 +49,6 @@ from wb_support import drain_spool, inline_threads
 
 class CoreModelWriteBack(WriteBackModel):
     """CoreModel's rules, and those of write-back: time, sync, S3 down or refusing, crash."""
-
-    async def _rename_during_close(self, i: int, other: str, unlink: bool):
-        """With write-back the close returns before the upload: the rename (or unlink) comes
-        while the background upload is under way (its PUT held at a gate). Without WB1's
-        tolerance: CoreModel's rule, where it comes at once, racing with the upload's start."""
-        if not self.tolerates("upload-starts-mid-operation"):
-            await super()._rename_during_close(i, other, unlink)
-            return
-        path = self.descs[i].file.path
-        if self.unsure(other):
-            return
-        self.store.heal()
-        if self.disk is not None:
-            self.disk.mode = None
-        gate = trio.Event()
-        for kind in ("put", "complete_multipart"):
-            self.store.gates[kind] = gate
-            self.store.arrived.pop(kind, None)
-        try:
-            async with trio.open_nursery() as nursery:
-                await self._part(self._close, i, False)
-                await trio.testing.wait_all_tasks_blocked()  # the upload is at the gate, if any
-                if unlink:
-                    nursery.start_soon(functools.partial(self._part, self._unlink, path))
-                else:
-                    nursery.start_soon(functools.partial(self._part, self._rename, path, other))
-                for _ in range(20):
-                    await trio.sleep(0)
-                gate.set()
-        finally:
-            for kind in ("put", "complete_multipart"):
-                self.store.gates.pop(kind, None)
 
     # ----- rules: time, sync, failures for good, crash -------------------------------------
 
@@ -143,8 +111,9 @@ class CoreModelWriteBack(WriteBackModel):
 
     async def _sync(self):
         for f in self.files.values():
-            if f.pending and self.open_writers(f) and self.tolerates("reopen-unspools"):
-                # WB4: opened for writing, it left the spool: S3 may keep what it had.
+            if f.pending and self.open_writers(f):
+                # PROMISE not made: a file open for writing again is not sent by a sync (its
+                # last closed version stays in the spool for a crash, until its next close).
                 self.ok[f.path] = self.allowed(f.path) | self.seen.get(f.path, {None})
         self.store.heal()
         if self.disk is not None:
@@ -174,11 +143,11 @@ class CoreModelWriteBack(WriteBackModel):
         for f in self._all_files():
             if f.path is None:
                 continue
-            if f.stuck:  # tried again at the next start
+            if f.published is not None and (f.stuck or (f.pending and self.open_writers(f))):
+                # Its last closed version is in the spool (one that failed for good is tried
+                # again at the next start; one open for writing again was not sent): it arrives.
                 self.expect(f.path, f.published)
                 f.stuck, f.pending = False, True
-            elif self.lost_at_crash(f):
-                self.ok[f.path] = self.allowed(f.path) | self.seen.get(f.path, {None})
         self.descs.clear()
         self.fhs.clear()
         self.unreleased.clear()
@@ -192,7 +161,6 @@ class CoreModelWriteBack(WriteBackModel):
             self.rebuild = True
             return
         self._rebuild({k: next(iter(v)) for k, v in final.items() if next(iter(v)) is not None}, pending=True)
-        self.linked = set(self.files.values())  # restored from the spool, or perhaps
 
     # ----- the end --------------------------------------------------------------------------
 

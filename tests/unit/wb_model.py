@@ -5,7 +5,6 @@ a step waits on time alone), S3 compared with `ok` at drains and with `seen` in 
 
 import contextlib
 import math
-import os
 
 import trio
 import trio.testing
@@ -16,19 +15,11 @@ from minerva_mount.localfiles import State
 
 UPLOADS = ("put", "create_multipart", "upload_part", "complete_multipart")
 STEP_TIMEOUT = 7200.0  # trio seconds: the clock jumps only while a step waits on time alone
-TOLERATED = set() if os.environ.get("WB_MODEL_STRICT") else {
-    # (each: the regression test in test_core_regressions.py that pins it)
-    "upload-starts-mid-operation",  # WB1 test_wb_unlink_while_the_upload_starts_deletes_the_file
-    "reopen-unspools",  # WB4 test_wb_spooled_file_reopened_for_writing_survives_a_crash
-    "respool-loses-journal",  # WB6 test_wb_a_file_spooled_twice_survives_a_crash
-}
-
 
 
 def background(kind: str, keys: tuple[str, ...]) -> bool:
     """A request only the uploader makes with write-back: one sending a file's content."""
     return kind.split()[0] in UPLOADS and bool(keys) and not keys[-1].endswith("/")
-
 
 
 class WriteBackModel(CoreModel):
@@ -44,10 +35,6 @@ class WriteBackModel(CoreModel):
         self.refusals_before = 0  # staging-disk refusals of daemons that crashed
         self.daemon = None
         self.schedule = 0  # seeds trio's scheduler at every step (the `reshuffle` rule)
-        # WB6 (tolerated): files the mount may hold since an earlier spooling (so their next
-        # one is a copy whose journal goes astray), and those spooled so.
-        self.linked: set[File] = set()
-        self.unjournaled: set[File] = set()
         super().__init__()
 
     async def _make_core(self, nursery):
@@ -67,9 +54,6 @@ class WriteBackModel(CoreModel):
         """Failures a program's call may meet: not those of background uploads."""
         foreground = sum(1 for kind, keys in self.store.fired if not background(kind, keys))
         return foreground + self.refusals_before + (self.disk.refusals if self.disk is not None else 0)
-
-    def tolerates(self, finding: str) -> bool:
-        return finding in TOLERATED
 
     # ----- running one step -----------------------------------------------------------
 
@@ -153,46 +137,12 @@ class WriteBackModel(CoreModel):
                     and held.spooled.key == f.path, \
                     f"{f.path}: its upload failed for good, yet it is {state}, not failed in the spool"
             f.pending = False
-            if not self.handles_of(f) and not f.stuck:
-                self.linked.discard(f)
-                self.unjournaled.discard(f)
 
     # ----- the model's view ------------------------------------------------------------
 
     def _sent(self, f: File) -> None:
         super()._sent(f)
         f.pending, f.stuck = True, False  # in the spool; in S3 once it drains
-        if f in self.linked:
-            self.unjournaled.add(f)
-        self.linked.add(f)
-
-    async def _close(self, i: int, release_now: bool):
-        # WB6: a last writer's close spools the file again, even with the bytes it had.
-        h = self.descs[i]
-        last_writer = h.writable and h.descs == 1 and not self.open_writers(h.file, but=h)
-        try:
-            await super()._close(i, release_now)
-        finally:
-            if last_writer and h.file in self.linked:
-                self.unjournaled.add(h.file)
-
-    def _truncated(self, f: File, size: int) -> None:
-        super()._truncated(f, size)
-        if f in self.linked:
-            self.unjournaled.add(f)  # WB6: a truncate by path spools it again
-
-    async def _release(self, h):
-        await super()._release(h)
-        f = h.file
-        if not self.handles_of(f) and not (f.pending or f.stuck):
-            self.linked.discard(f)  # uploaded and released: the mount holds it no more
-            self.unjournaled.discard(f)
-
-    def lost_at_crash(self, f: File) -> bool:
-        """Whether a tolerated finding loses the file's last spooled content at a crash."""
-        return f.pending and (
-            (bool(self.open_writers(f)) and self.tolerates("reopen-unspools"))
-            or (f in self.unjournaled and self.tolerates("respool-loses-journal")))
 
     def quiet(self, path: str) -> bool:
         f = self.files.get(path)
@@ -225,11 +175,13 @@ class WriteBackModel(CoreModel):
         self.expect(dst, *(before_dst | (old if in_folder else set())))
 
     def _after_failed_dir_rename(self, src: str, dst: str, inside: list[File]) -> None:
-        """A failed folder rename leaves a file in the spool where it was (its upload goes to
-        its old name); a copy of S3's object for it (an older one) may have been made."""
+        """A failed folder rename leaves a file still in the spool where it was (its upload
+        goes to its old name; whether it is still there, only the mount knows). A file whose
+        upload is done is an object as any other (CoreModel's)."""
         rest = []
         for f in inside:
-            if f.unsent() or not (f.pending or f.stuck):
+            held = self.core.files.get(f.path)
+            if f.unsent() or not (f.pending or f.stuck) or held is None or held.spooled is None:
                 rest.append(f)
                 continue
             new = dst + f.path[len(src):]
@@ -245,4 +197,3 @@ class WriteBackModel(CoreModel):
         for f in self._all_files():
             f.path = None
         self.files = {k: File(bytearray(v), k, published=v, pending=pending) for k, v in objects.items()}
-        self.linked, self.unjournaled = set(), set()
