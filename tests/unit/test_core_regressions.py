@@ -740,6 +740,40 @@ def test_a_failed_truncate_of_a_published_file_with_a_late_release_changes_nothi
     run(test, tmp_path)
 
 
+def test_reader_of_a_held_file_sees_a_truncate_by_path(tmp_path):
+    """M32 (the write-through model, a 2,000-example run on 570b8a1; fails as far back as
+    6284442): `.a.swp` created O_RDONLY|O_CREAT and kept open, `mv .a.swp a` (sent: a final
+    name), `truncate -s 1 a`: the descriptor reads b"" (0 bytes), not b"\0". The file was
+    held when it was opened, so its handle reads the held copy, live (README); M31's rule (a
+    truncate of a file S3 holds as it is starts from S3: core._truncate detaches the held
+    file) leaves that handle on a detached copy."""
+    async def test(k):
+        fh = await k.create("Incoming/.a.swp", os.O_RDONLY | os.O_CREAT)
+        await k.rename("Incoming/.a.swp", "Incoming/a")
+        await k.truncate("Incoming/a", 1)
+        assert bytes(await k.core.read(fh, 0, 1)) == b"\0"
+    run(test, tmp_path)
+
+
+def test_a_failed_rename_onto_a_file_being_written_leaves_it(tmp_path):
+    """M33 (the write-through model, as M32): `a` being written (a stream, open), PUTs
+    failing, `mv .a.swp a` (.a.swp kept back, sent by the rename): EIO (right), but `a` is
+    gone from the mount and its writer's content is never sent: LocalFiles.renamed detaches
+    the file held at `a` before the publish, and the rename's undo (renamed back, kept back)
+    cannot bring it back. Promised: a refused rename changes nothing."""
+    async def test(k):
+        fh = await k.create("Incoming/a")
+        await k.core.write(fh, 0, b"x")
+        k.store.failing.add("put")
+        await k.create("Incoming/.a.swp", os.O_RDONLY | os.O_CREAT)
+        await fails_with(errno.EIO, k.rename("Incoming/.a.swp", "Incoming/a"))
+        k.store.heal()
+        assert set(await k.listing("Incoming")) == {".a.swp", "a"}
+        await k.close(fh)
+        assert k.stored("Incoming/a") == b"x"
+    run(test, tmp_path)
+
+
 # ----- write-back findings (test_core_model_writeback.py) ----------------------------------
 
 
