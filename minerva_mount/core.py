@@ -218,9 +218,13 @@ class Core(FileOps, Renames):
     async def _truncate(self, node: Node, size: int) -> None:
         check_size(node.path, size)
         f = self._changeable(node.path)
+        in_s3 = None  # the object S3 holds with the file's content: a refusal goes back to it
         if f is not None and f.state is State.PUBLISHED and not f.dirty and f.writers == 0:
-            self.files.detach(f)  # S3 holds its content: start from S3, so a refusal is undone
-            f = None
+            if f.staged is not None and f.staged.base is not None:
+                in_s3 = f.staged.base  # (its readers keep reading it, live)
+            else:
+                self.files.detach(f)  # a stream's: start from S3, so a refusal is undone
+                f = None
         made = f is None  # a copy made for this truncate alone
         if made:
             if size == node.size:
@@ -244,6 +248,10 @@ class Core(FileOps, Renames):
         except MinervaError:
             if made:  # a refused truncate changes nothing: the copy made for it goes
                 self.files.discard(f)
+            elif in_s3 is not None and f.writers == 0:
+                await f.staged.reset(in_s3)
+                self.files.restore(f, *before[1:])
+                node.size = f.size
             elif f.staged is not None and f.size > before[0] and f.writers == 0:
                 await f.staged.truncate(before[0])  # a growth is undone (a shrink cannot be)
                 self.files.restore(f, *before[1:])

@@ -69,6 +69,7 @@ class LocalFile:
     opens: int = 0  # handles of any kind
     error: MinervaError | None = None
     spooled: object | None = None  # write-back: its journal (writeback.Journal) while in the spool
+    aside: bool = False  # out of the table while a rename onto its name is under way
     settled: trio.Event = field(default_factory=trio.Event)  # set while not PUBLISHING
     started: float = field(default_factory=time.monotonic)
 
@@ -249,10 +250,23 @@ class LocalFiles:
             self._drop(f)
         return False
 
-    def detach(self, f: LocalFile) -> None:
-        """Unlinked, or replaced by a rename: never sent; content freed after its last handle."""
+    def set_aside(self, f: LocalFile) -> None:
+        """A rename onto `f`'s name is under way: out of the table, untouched, until the
+        rename is done (`detach`) or refused (`put_back`)."""
         if self._by_path.get(f.path) is f:
             del self._by_path[f.path]
+            f.aside = True
+
+    def put_back(self, f: LocalFile) -> None:
+        f.aside = False
+        self._by_path[f.path] = f
+
+    def detach(self, f: LocalFile) -> None:
+        """Unlinked, or replaced by a rename: never sent; content freed after its last handle."""
+        if self._by_path.get(f.path) is f or f.aside:
+            if not f.aside:
+                del self._by_path[f.path]
+            f.aside = False
             self._gone(f)
         f.state = State.DETACHED
         self._unspool(f)

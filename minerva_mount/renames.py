@@ -131,18 +131,30 @@ class Renames:
             raise busy(f"{src} is being uploaded (parts sent); rename it after it is closed")
         if f.upload is not None and is_temporary(dst):
             await self._restage(f)  # kept back under the temporary name: its bytes go to disk
-        async with self.files.changing(f):  # no upload starts under the old name meanwhile
-            left_s3 = await self._move_held(f, src, dst)
-        if left_s3:
-            self.files.unsent(f)  # held under the temporary name even if unchanged
-        if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
-            try:
-                await self.files.publish(f)
-            except MinervaError:
-                if self.files.get(dst) is f:  # keep it, under its old name, for a retry
-                    self.files.renamed(f, src)
-                    self.files.restore(f, State.KEPT_BACK, True, f.created_empty)
-                raise
+        replaced = self.files.get(dst)
+        if replaced is f:
+            replaced = None
+        if replaced is not None:  # replaced only once the rename is done: a refusal puts it back (M33)
+            self.files.set_aside(replaced)
+        try:
+            async with self.files.changing(f):  # no upload starts under the old name meanwhile
+                left_s3 = await self._move_held(f, src, dst)
+            if left_s3:
+                self.files.unsent(f)  # held under the temporary name even if unchanged
+            if f.writers == 0 and f.state in (State.KEPT_BACK, State.STAGED) and not is_temporary(dst):
+                try:
+                    await self.files.publish(f)
+                except MinervaError:
+                    if self.files.get(dst) is f:  # keep it, under its old name, for a retry
+                        self.files.renamed(f, src)
+                        self.files.restore(f, State.KEPT_BACK, True, f.created_empty)
+                    raise
+        except BaseException:
+            if replaced is not None and self.files.get(dst) is None:
+                self.files.put_back(replaced)
+            raise
+        if replaced is not None:
+            self.files.detach(replaced)
 
     async def _move_held(self, f: LocalFile, src: str, dst: str) -> bool:
         """S3 loses the old name (its object copied to `dst` if the content still comes from

@@ -221,6 +221,15 @@ class Staged:
             await self._fill(0, self.size)
         self.base = None
 
+    async def reset(self, base: ObjectInfo) -> None:
+        """Back to `base`'s content, read from it again as it is used: undoes a refused
+        change of a file S3 holds as it is (a shrink too, which no local undo could)."""
+        async with self._lock:
+            self.area.resize(self._fd, 0, self.path)
+            self.area.resize(self._fd, base.size, self.path)
+            self.base, self.size, self._base_end = base, base.size, base.size
+            self._filled = bytearray((base.size + BLOCK - 1) // BLOCK)
+
     def rebase(self, base: ObjectInfo) -> None:
         """The object it started from was copied to a new name (a rename): fill from there."""
         self.base = base
