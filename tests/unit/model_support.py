@@ -7,6 +7,11 @@
   background tasks, so Hypothesis's synchronous rules can await Core calls one at a time.
 - `small_parts`: a fixture that makes the multipart part size and the staging block tiny,
   so files of a few bytes go through multipart uploads and lazy block fills.
+
+The model tests run derandomized by default (the same 2,000 programs each run), so CI tells
+a change from luck; exploring is a separate, long run with fresh programs:
+`MODEL_RANDOM=1 MODEL_EXAMPLES=20000 pytest tests/unit/test_core_model*.py -x`. What such a
+run finds is pinned in test_core_regressions.py.
 """
 
 import contextlib

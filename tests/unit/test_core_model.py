@@ -1032,6 +1032,7 @@ def test_core_matches_model(tmp_path, monkeypatch):
     with quiet_logs():
         run_state_machine_as_test(CoreModel, settings=settings(
             max_examples=int(os.environ.get("MODEL_EXAMPLES", 2000)), stateful_step_count=40,
+            derandomize=not os.environ.get("MODEL_RANDOM"),  # see model_support.py
             deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
     if os.environ.get("MODEL_STATS"):
         from collections import Counter

@@ -194,4 +194,5 @@ def test_core_matches_model_with_write_back(monkeypatch):
     with quiet_logs(), inline_threads():
         run_state_machine_as_test(CoreModelWriteBack, settings=settings(
             max_examples=int(os.environ.get("MODEL_EXAMPLES", 2000)), stateful_step_count=40,
+            derandomize=not os.environ.get("MODEL_RANDOM"),  # see model_support.py
             deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
