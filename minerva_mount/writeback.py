@@ -337,6 +337,11 @@ class WriteBack:
                         if exc.errno == errno.ENOENT and f.spooled is not None and f.spooled.upload_id:
                             f.spooled.upload_id, f.spooled.parts = None, {}  # the upload is gone
                         log.warning("write-back of %s failed, retrying in %.0f s: %s", f.path, delay, exc)
+                    except Exception as exc:  # a bug: this file waits for the next start, the mount goes on
+                        log.exception("write-back of %s failed unexpectedly; kept in the spool", f.path)
+                        why = MinervaError(f"{f.path}: internal error ({type(exc).__name__})")
+                        self.files.spool_failed(f, why)
+                        return
                     await trio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX)
         finally:

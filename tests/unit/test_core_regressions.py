@@ -1043,3 +1043,22 @@ def test_wb_folder_rename_shows_no_old_bytes_of_a_spooled_file():
         assert k.stored("Incoming/d/a") == b"new" and k.stored("Incoming/e/a") is None
         assert await k.listing("Incoming/d") == {"a": 3}
     run_wb(test)
+
+
+def test_wb_an_unexpected_error_in_an_upload_keeps_the_file_and_the_mount():
+    """A bug in one upload (any exception not a MinervaError) killed the uploader's nursery,
+    the daemon's: the mount went down (as WB1's AttributeError did). Now the file is kept in
+    the spool as failed (tried again at the next start) and the uploads of others go on."""
+    async def test(k):
+        real = k.store.put
+
+        async def broken(path, data, metadata):
+            raise RuntimeError("a bug")
+        k.store.put = broken
+        await written(k, "Incoming/a", b"x")
+        assert k.core.files.get("Incoming/a").state is State.FAILED
+        k.store.put = real
+        await written(k, "Incoming/b", b"y")
+        await sync(k)
+        assert k.stored("Incoming/b") == b"y" and k.stored("Incoming/a") is None
+    run_wb(test)
