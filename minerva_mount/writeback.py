@@ -249,8 +249,11 @@ class WriteBack:
             staged.mtime = time.time()
         f.spooled = await trio.to_thread.run_sync(
             self.spool.add, staged.fd, f.path, staged.size, staged.mtime)
-        if older is not None:
-            self.spool.remove(older)
+        if older is not None:  # superseded: the new version is durable
+            try:
+                self.spool.remove(older)
+            except OSError as exc:  # the close succeeded; the next start may send it too (whole)
+                log.error("superseded spool entry %s of %s not removed: %s", older.id, f.path, exc)
             self.spool.freed(older)
         self._last_spooled = trio.current_time()
         self._small.total_tokens = BURST_WIDTH
