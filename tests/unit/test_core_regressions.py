@@ -820,6 +820,28 @@ async def written(k: Kernel, path: str, data: bytes) -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
+async def while_a_retry_starts(k, operation, *args) -> None:
+    """WB1's race: `a` spooled over an older `a` in S3, its first PUT failed (retried in 1 s);
+    `operation` deletes the old object, and while that DELETE is on the wire the retry's PUT
+    goes out. Then both go on, and the spool drains."""
+    k.store.add("Incoming/a", b"old")
+    await k.listing("Incoming")
+    k.store.fail_once.add("put")
+    await written(k, "Incoming/a", b"new")
+    deleting, putting = trio.Event(), trio.Event()
+    k.store.gates.update(delete=deleting, put=putting)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(operation, *args)
+        while "delete" not in k.store.arrived:
+            await trio.sleep(0)
+        trio.lowlevel.current_clock().jump(1)  # the retry: its PUT reaches its gate
+        await trio.testing.wait_all_tasks_blocked()
+        deleting.set()
+        await trio.testing.wait_all_tasks_blocked()
+        putting.set()
+    await sync(k)
+
+
 def test_wb_unlink_while_the_upload_starts_deletes_the_file():
     """WB1: `a` spooled (its first upload failed: retried in 1 s) over an older `a` in S3;
     `rm a` deletes the old object, and while that DELETE is on the wire the retry starts and
@@ -829,22 +851,7 @@ def test_wb_unlink_while_the_upload_starts_deletes_the_file():
     nursery, the daemon's, dies. Promised (SEMANTICS): a delete during the upload waits for
     it; a deleted name never comes back."""
     async def test(k):
-        k.store.add("Incoming/a", b"old")
-        await k.listing("Incoming")
-        k.store.fail_once.add("put")
-        await written(k, "Incoming/a", b"new")  # its first PUT fails: retried in 1 s
-        deleting, putting = trio.Event(), trio.Event()
-        k.store.gates.update(delete=deleting, put=putting)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(k.unlink, "Incoming/a")
-            while "delete" not in k.store.arrived:
-                await trio.sleep(0)
-            trio.lowlevel.current_clock().jump(1)  # the retry: its PUT reaches its gate
-            await trio.testing.wait_all_tasks_blocked()
-            deleting.set()
-            await trio.testing.wait_all_tasks_blocked()
-            putting.set()
-        await sync(k)
+        await while_a_retry_starts(k, k.unlink, "Incoming/a")
         assert k.stored("Incoming/a") is None
         assert "a" not in await k.listing("Incoming")
     run_wb(test)
@@ -855,22 +862,7 @@ def test_wb_rename_while_the_upload_starts_moves_the_file():
     spooled file and its journal, but the PUT already under way was for `a`: S3 ends with
     the new content under `a` and no `b`; the mount then lists `a`, not `b`."""
     async def test(k):
-        k.store.add("Incoming/a", b"old")
-        await k.listing("Incoming")
-        k.store.fail_once.add("put")
-        await written(k, "Incoming/a", b"new")  # its first PUT fails: retried in 1 s
-        deleting, putting = trio.Event(), trio.Event()
-        k.store.gates.update(delete=deleting, put=putting)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(k.rename, "Incoming/a", "Incoming/b")
-            while "delete" not in k.store.arrived:
-                await trio.sleep(0)
-            trio.lowlevel.current_clock().jump(1)  # the retry: its PUT reaches its gate
-            await trio.testing.wait_all_tasks_blocked()
-            deleting.set()
-            await trio.testing.wait_all_tasks_blocked()
-            putting.set()
-        await sync(k)
+        await while_a_retry_starts(k, k.rename, "Incoming/a", "Incoming/b")
         assert k.stored("Incoming/b") == b"new" and k.stored("Incoming/a") is None
         assert await k.listing("Incoming") == {"b": 3}
     run_wb(test)
