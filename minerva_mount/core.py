@@ -171,8 +171,10 @@ class Core(FileOps, Renames):
     # ----- attributes ---------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes) -> Node:
-        with contextlib.suppress(InvalidName):  # _child answers it
-            self.listings.list_ahead(self._dir(parent_inode).path, check_name(name), self.nursery)
+        parent = self._dir(parent_inode).path
+        if parent not in self.listings:  # (a cold folder only: this is every lookup's path)
+            with contextlib.suppress(InvalidName):  # _child answers it
+                self.listings.list_ahead(parent, check_name(name), self.nursery)
         path, entry = await self._child(parent_inode, name)
         node = self._node_for(path, entry)
         node.lookups += 1
