@@ -1005,8 +1005,8 @@ class CoreModel(RuleBasedStateMachine):
 
     # ----- the end --------------------------------------------------------------------------
 
-    async def _finish(self):
-        """Every program exits: all descriptors closed, every fh released; then checks."""
+    async def _exit_all(self):
+        """Every program exits, S3 and the disk healthy: all descriptors closed, every fh released."""
         self.store.heal()
         if self.disk is not None:
             self.disk.mode = None
@@ -1014,6 +1014,10 @@ class CoreModel(RuleBasedStateMachine):
             await self._step(self._close, (len(self.descs) - 1, True))
         for h in list(self.unreleased):
             await self._step(self._release, (h,))
+
+    async def _finish(self):
+        """Every program exits: all descriptors closed, every fh released; then checks."""
+        await self._exit_all()
         with trio.fail_after(STEP_TIMEOUT):
             left = await self.core.drain(0.2)
         # SEMANTICS: files never renamed to a final name are lost when the daemon stops, and

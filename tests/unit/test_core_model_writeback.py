@@ -166,13 +166,7 @@ class CoreModelWriteBack(WriteBackModel):
 
     async def _finish(self):
         """Every program exits; S3 is healthy; the spool drains; then checks."""
-        self.store.heal()
-        if self.disk is not None:
-            self.disk.mode = None
-        while self.descs:
-            await self._step(self._close, (len(self.descs) - 1, True))
-        for h in list(self.unreleased):
-            await self._step(self._release, (h,))
+        await self._exit_all()
         await self._step(self._sync, ())
         self.clock.autojump_threshold = 0
         try:
