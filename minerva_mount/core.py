@@ -222,7 +222,7 @@ class Core(FileOps, Renames):
         f = self._changeable(node.path)
         in_s3 = None  # the object S3 holds with the file's content: a refusal goes back to it
         if f is not None and f.state is State.PUBLISHED and not f.dirty and f.writers == 0:
-            if f.staged is not None and f.staged.base is not None:
+            if f.staged is not None:
                 in_s3 = f.staged.base  # (its readers keep reading it, live)
             else:
                 self.files.detach(f)  # a stream's: start from S3, so a refusal is undone

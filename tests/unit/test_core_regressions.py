@@ -1054,3 +1054,19 @@ def test_wb_an_unexpected_error_in_an_upload_keeps_the_file_and_the_mount():
         await sync(k)
         assert k.stored("Incoming/b") == b"y" and k.stored("Incoming/a") is None
     run_wb(test)
+
+
+def test_a_truncate_by_path_reaches_the_reader_of_a_file_sent_unchanged(tmp_path):
+    """M34 (a 5,000-example random run after M32's fix): `.a.swp` created O_RDONLY and kept
+    open, `mv .a.swp a` (sent at the rename without an upload of its own: it was empty), an
+    `rm a` that S3 refuses, `truncate -s 1 a`: the descriptor read b"". M32's fix went back to
+    S3's object only for a file whose staging copy knew it; this one's did not, and it was
+    detached as a stream would be. A held file's readers keep it, whatever it started from."""
+    async def test(k):
+        k.store.failing.add("delete")
+        fh = await k.create("Incoming/.a.swp", os.O_RDONLY | os.O_CREAT)
+        await k.rename("Incoming/.a.swp", "Incoming/a")
+        await fails_with(errno.EIO, k.unlink("Incoming/a"))
+        await k.truncate("Incoming/a", 1)
+        assert bytes(await k.core.read(fh, 0, 1)) == b"\0"
+    run(test, tmp_path)
