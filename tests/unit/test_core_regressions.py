@@ -20,6 +20,7 @@ import trio.testing
 from model_support import PART, ModelStore, make_core, quiet_logs, set_small_parts, ttl_passes
 from wb_support import SPOOL_CAP, Daemon, drain_spool, example_folder, inline_threads, remove_folder
 
+from minerva_mount import writeback
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
 from minerva_mount.localfiles import State
@@ -812,11 +813,15 @@ async def sync(k: Kernel) -> None:
 
 async def written(k: Kernel, path: str, data: bytes) -> None:
     """`cp`: create, write, close; with write-back it returns once the file is in the spool.
-    Then its background upload makes its first attempt (done, or failed: retried in 1 s of
-    trio time, which stands still), so what comes next does not race with it (see WB1)."""
+    Then, once no other close follows within BURST_GAP (trio time moves that far: no upload
+    starts while a copy is under way), its background upload makes its first attempt (done,
+    or failed: retried in 1 s of trio time, which otherwise stands still), so what comes next
+    does not race with it (see WB1)."""
     fh = await k.create(path)
     await k.core.write(fh, 0, data)
     await k.close(fh)
+    await trio.testing.wait_all_tasks_blocked()
+    trio.lowlevel.current_clock().jump(writeback.BURST_GAP)
     await trio.testing.wait_all_tasks_blocked()
 
 
