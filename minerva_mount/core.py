@@ -96,9 +96,12 @@ class Core(FileOps, Renames):
 
     async def _entry(self, dir_path: str, name: str):
         """One name of a folder: its entry, DIR, or MISSING; costs a dict lookup when cached."""
-        held = self.files.get(join(dir_path, name))
+        path = join(dir_path, name)
+        held = self.files.get(path)
         if held is not None:
             return held.entry()
+        if self.files.marker(path) is not None:
+            return DIR  # made here with write-back, its marker not in S3 yet
         if dir_path == "" and name in (INCOMING, OUTGOING):
             return DIR  # always there: resolvable while S3 or the credentials are not
         return (await self._listing(dir_path)).get(name, MISSING)
@@ -114,6 +117,8 @@ class Core(FileOps, Renames):
         result = dict(await self._listing(dir_path))
         for f in self.files.in_folder(dir_path):
             result[f.path.rpartition("/")[2]] = f.entry()
+        for name in self.files.folders_in(dir_path):
+            result[name] = DIR
         return result
 
     def _convert_listing(self, dir_path: str, listing) -> dict[str, ObjectInfo | None]:
@@ -307,7 +312,10 @@ class Core(FileOps, Renames):
         require_changeable(path, "mkdir")
         if await self._entry(self._dir(parent_inode).path, check_name(name)) is not MISSING:
             raise Exists(path)
-        await self.store.put(path + "/", b"", {})
+        if self.files.writeback is not None:  # the marker goes up in the background
+            await self.files.folder_made(path, Staged(self.store, self.staging, path + "/"))
+        else:
+            await self.store.put(path + "/", b"", {})
         self.listings.update(self._dir(parent_inode).path, check_name(name), DIR)
         node = self.inodes.upsert(path, True, mtime=time.time())
         self.listings.created(path)
@@ -319,12 +327,17 @@ class Core(FileOps, Renames):
         require_changeable(path, "rmdir")
         if entry is not DIR:
             raise NotADirectory(path)
-        held = self.files.under(path)
-        if held or await self.store.has_children(path + "/"):
-            if held:
-                log.info("rmdir %s: not empty (%s is held here, %s)", path, held[0].path, held[0].state.value)
-            raise NotEmpty(path)
-        await self.store.delete(path + "/")
+        marker = self.files.marker(path)  # write-back: made here, its marker maybe not sent yet
+        async with self.files.changing(marker) if marker is not None else contextlib.nullcontext():
+            held = self.files.inside(path)
+            if held or await self.store.has_children(path + "/"):
+                if held:
+                    log.info("rmdir %s: not empty (%s is held here, %s)", path, held[0].path,
+                             held[0].state.value)
+                raise NotEmpty(path)
+            await self.store.delete(path + "/")  # (the marker may be in S3 or on its way)
+            if marker is not None:
+                self.files.detach(marker)  # never sent now
         self.listings.update(self._dir(parent_inode).path, check_name(name), GONE)
         self.listings.forget(path)
         self.inodes.removed(path)

@@ -28,6 +28,7 @@ from .localfiles import LocalFile, State
 from .namespace import (
     Node,
     check_name,
+    is_marker,
     is_temporary,
     require_writable,
 )
@@ -249,6 +250,11 @@ class FileOps:
 
     def _published(self, f: LocalFile, etag: str) -> None:
         """A held file is now an object in S3: what the caches say of it follows."""
+        if is_marker(f.path):  # a folder made here (write-back): S3's listing shows it now
+            parent, _, name = f.path[:-1].rpartition("/")
+            self.listings.update(parent, name, DIR)
+            log.info("uploaded the marker of folder %s", f.path[:-1])
+            return
         mtime = f.mtime or time.time()
         self.mtimes[f.path] = (etag, mtime)
         node = self.inodes.find(f.path)

@@ -21,6 +21,12 @@ rmdir/rename/unlink, xattrs, status and the stop drain alike.
 Unlinking a held file, or renaming another file over it, detaches it (DETACHED): its handles
 keep working on its content, and it is never sent. `publish` is the only place that sends a
 held file to S3.
+
+With write-back, a folder made here is held too, until its marker (the empty object `dir/`)
+is in S3: as the file `dir/`, spooled and uploaded as any other (`folder_made`), so `mkdir`
+returns without a round trip and a crash loses no folder. Until then the folder shows from
+here (`marker`, `folders_in`); a rename of it or of a folder above it moves the marker along,
+and rmdir detaches it.
 """
 
 import contextlib
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import MinervaError
-from .namespace import is_temporary
+from .namespace import is_marker, is_temporary
 from .staging import Staged
 from .store import ObjectInfo
 from .writer import Upload
@@ -128,16 +134,33 @@ class LocalFiles:
         return self._by_path.get(path)
 
     def __contains__(self, path: str) -> bool:
-        return path in self._by_path
+        """Whether `path` is held here: a file, or a folder whose marker is not in S3 yet."""
+        return path in self._by_path or path + "/" in self._by_path
 
     def __iter__(self) -> Iterator[LocalFile]:
         return iter(list(self._by_path.values()))
 
+    def marker(self, dir_path: str) -> LocalFile | None:
+        """The marker of a folder made here that is not in S3 yet (write-back)."""
+        return self._by_path.get(dir_path + "/")
+
     def in_folder(self, dir_path: str) -> list[LocalFile]:
-        return [f for f in self._by_path.values() if f.path.rpartition("/")[0] == dir_path]
+        """The files held directly in `dir_path` (not folder markers)."""
+        return [f for f in self._by_path.values()
+                if f.path.rpartition("/")[0] == dir_path and not is_marker(f.path)]
+
+    def folders_in(self, dir_path: str) -> list[str]:
+        """Names of the folders in `dir_path` whose marker is held here."""
+        return [f.path[:-1].rpartition("/")[2] for f in self._by_path.values()
+                if is_marker(f.path) and f.path[:-1].rpartition("/")[0] == dir_path]
 
     def under(self, dir_path: str) -> list[LocalFile]:
+        """Everything held below `dir_path`, its own marker too (what moves with it)."""
         return [f for f in self._by_path.values() if f.path.startswith(dir_path + "/")]
+
+    def inside(self, dir_path: str) -> list[LocalFile]:
+        """What makes `dir_path` not empty: `under` but for its own marker."""
+        return [f for f in self.under(dir_path) if f.path != dir_path + "/"]
 
     def state_of(self, path: str) -> State | None:
         f = self._by_path.get(path)
@@ -175,6 +198,15 @@ class LocalFiles:
 
     def staged(self, path: str, staged: Staged, *, dirty: bool) -> LocalFile:
         return self._add(LocalFile(path, State.STAGED, staged=staged, dirty=dirty))
+
+    async def folder_made(self, dir_path: str, staged: Staged) -> None:
+        """Write-back: the folder's marker is spooled (durable when this returns)."""
+        f = self._add(LocalFile(dir_path + "/", State.STAGED, staged=staged))
+        try:
+            await self.publish(f)
+        except MinervaError:
+            self._drop(f)
+            raise
 
     def restaged(self, f: LocalFile, staged: Staged) -> None:
         """STREAMING -> STAGED: a new file stopped being sequential before a part was sent."""

@@ -108,6 +108,11 @@ TEMPORARY_NAMES = [
 ]
 
 
+def is_marker(path: str) -> bool:
+    """Whether `path` names a folder's marker (`dir/`) rather than a file."""
+    return path.endswith("/")
+
+
 def is_temporary(path: str) -> bool:
     """Whether the file name is one programs use while writing, before a rename or delete."""
     name = path.rsplit("/", 1)[-1]

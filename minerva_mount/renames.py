@@ -180,7 +180,7 @@ class Renames:
     async def _rename_dir(self, src: str, dst: str, target) -> None:
         if target is not MISSING and target is not DIR:
             raise NotADirectory(dst)
-        if target is DIR and (self.files.under(dst) or await self.store.has_children(dst + "/")):
+        if target is DIR and (self.files.inside(dst) or await self.store.has_children(dst + "/")):
             raise NotEmpty(dst)
         for f in self.files.under(src):
             await self.files.settle(f)
@@ -201,7 +201,8 @@ class Renames:
                 for info in objects:
                     if info.path in superseded:
                         await self.store.delete(info.path)
-                await move_tree(self.store, src, dst, [o for o in objects if o.path not in superseded])
+                await move_tree(self.store, src, dst, [o for o in objects if o.path not in superseded],
+                                marker_held=self.files.marker(src) is not None)
             finally:  # also after a failure: the copies it made show at once
                 for path in [p for p in self.listings
                              if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:
