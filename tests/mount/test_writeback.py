@@ -162,6 +162,28 @@ def test_sigkill_with_files_spooled_loses_nothing_and_shows_nothing_partial(wb_m
     assert journals(again) == []
 
 
+def test_mkdir_is_spooled_too_and_a_sigkill_loses_no_folder(wb_mount, wiped):
+    """mkdir waits for no round trip either: the folder's marker is spooled like a file."""
+    mount = wb_mount(extra=("--s3-retry-timeout", "2"))
+    os.listdir(mount.path / "Incoming")  # listed (and cached) while S3 is up
+    wiped.s3("down")  # nothing leaves the spool meanwhile
+    try:
+        (mount.path / "Incoming" / "made" / "inner").mkdir(parents=True)
+        assert "made" in os.listdir(mount.path / "Incoming")
+        assert os.listdir(mount.path / "Incoming" / "made") == ["inner"]
+        mount.proc.send_signal(signal.SIGKILL)
+        mount.proc.wait(30)
+        subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False, capture_output=True)
+    finally:
+        wiped.s3("up")
+    assert wiped.keys("Incoming/") == []
+    again = wb_mount(name="mnt")
+    assert os.listdir(again.path / "Incoming" / "made") == ["inner"]  # shown from the spool
+    result = cli("sync", str(again.path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wiped.keys("Incoming/") == ["Incoming/made/", "Incoming/made/inner/"]
+
+
 @pytest.fixture(scope="module")
 def short_lived(tmp_path_factory):
     with local_minerva_with_lifetime(tmp_path_factory, 20) as local:
