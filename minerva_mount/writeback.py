@@ -17,6 +17,8 @@ The spool is a folder of our own (safepaths.py) under the cache folder. Per file
   file system without user xattrs go to `ID.json`: written to a temporary name, fsync'd and
   renamed, so a crash leaves either the old journal or the new one, never half of one. A
   `ID.json` overrides the attribute.
+A folder made here (mkdir) is spooled the same way, as its marker: the empty object `dir/`
+(localfiles.LocalFiles.folder_made), so a `cp -r` does not wait a round trip for it.
 Nothing is lost: after a SIGKILL, a crash or a reboot the next start finds the spool and
 uploads it before anything else, resuming a multipart upload from its journaled parts (the
 policy allows no ListParts). A transient failure is retried with backoff (1 s doubling to
