@@ -101,20 +101,24 @@ def test_a_pending_folder_with_files_is_not_empty_and_moves_whole():
     run_wb(test)
 
 
+async def copy(k, count: int) -> None:
+    """`cp` of `count` files, a close every BURST_GAP / 4 of trio time."""
+    for i in range(count):
+        fh = await k.create(f"Incoming/f{i}")
+        await k.core.write(fh, 0, b"x")
+        await k.close(fh)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.current_clock().jump(writeback.BURST_GAP / 4)
+        await trio.testing.wait_all_tasks_blocked()
+
+
 def test_no_upload_starts_while_a_copy_is_under_way():
     """Closes less than BURST_GAP apart: nothing goes up during the first BURST_HOLD; once
     the closes stop, every file goes."""
     async def test(k):
-        clock = trio.lowlevel.current_clock()
-        for i in range(20):
-            fh = await k.create(f"Incoming/f{i}")
-            await k.core.write(fh, 0, b"x")
-            await k.close(fh)
-            await trio.testing.wait_all_tasks_blocked()
-            clock.jump(writeback.BURST_GAP / 4)
-            await trio.testing.wait_all_tasks_blocked()
+        await copy(k, 20)
         assert made(k) == []
-        clock.jump(writeback.BURST_GAP)
+        trio.lowlevel.current_clock().jump(writeback.BURST_GAP)
         await sync(k)
         assert sorted(made(k)) == sorted(f"Incoming/f{i}" for i in range(20))
     run_wb(test)
@@ -122,14 +126,6 @@ def test_no_upload_starts_while_a_copy_is_under_way():
 
 def test_a_long_copy_still_uploads_as_it_goes():
     async def test(k):
-        clock = trio.lowlevel.current_clock()
-        steps = int(writeback.BURST_HOLD / (writeback.BURST_GAP / 4)) + 20
-        for i in range(steps):
-            fh = await k.create(f"Incoming/f{i}")
-            await k.core.write(fh, 0, b"x")
-            await k.close(fh)
-            await trio.testing.wait_all_tasks_blocked()
-            clock.jump(writeback.BURST_GAP / 4)
-            await trio.testing.wait_all_tasks_blocked()
+        await copy(k, int(writeback.BURST_HOLD / (writeback.BURST_GAP / 4)) + 20)
         assert made(k)  # some went up before the copy ended
     run_wb(test)
