@@ -345,7 +345,7 @@ class Core(FileOps, Renames):
     def _held_gone(self, f) -> None:
         """A held file left localfiles' table: its node and the folder's last snapshot showed
         the local content; from now on they show what S3's listing says."""
-        parent, _, name = f.path.rpartition("/")
+        parent, _, name = f.path.rstrip("/").rpartition("/")  # (a folder's marker: the folder)
         self._snapshots.pop(parent, None)
         node, listing = self.inodes.find(f.path), self.listings.get(parent)
         entry = listing.get(name, MISSING) if listing is not None else MISSING

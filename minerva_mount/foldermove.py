@@ -33,9 +33,8 @@ def check_keys(src: str, dst: str, objects: list[ObjectInfo]) -> None:
             raise NameTooLong(f"{new}: longer than an S3 key may be")
 
 
-async def move_tree(store, src: str, dst: str, objects: list[ObjectInfo], marker_held: bool = False) -> None:
-    """Copy every object of `src/` to `dst/`, then delete the originals (markers last).
-    `marker_held`: src's marker is not in S3 yet and goes up under the new name (write-back)."""
+async def move_tree(store, src: str, dst: str, objects: list[ObjectInfo]) -> None:
+    """Copy every object of `src/` to `dst/`, then delete the originals (markers last)."""
     limiter = trio.CapacityLimiter(MAX_COPIES)
     errors: list[MinervaError] = []
 
@@ -61,7 +60,7 @@ async def move_tree(store, src: str, dst: str, objects: list[ObjectInfo], marker
             raise errors[0]
 
     await each(move, objects)
-    if not objects and not marker_held:
+    if not objects:
         await store.put(dst + "/", b"", {})  # an empty folder stays a folder
     await each(store.delete, [info for info in objects if not info.path.endswith("/")])
     markers = sorted((info for info in objects if info.path.endswith("/")), key=lambda i: -len(i.path))

@@ -292,6 +292,8 @@ class LocalFiles:
     def put_back(self, f: LocalFile) -> None:
         f.aside = False
         self._by_path[f.path] = f
+        if f.state is State.SPOOLED:  # its upload task found it aside and ended
+            self.writeback.queue(f)
 
     def detach(self, f: LocalFile) -> None:
         """Unlinked, or replaced by a rename: never sent; content freed after its last handle."""

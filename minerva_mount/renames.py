@@ -27,6 +27,7 @@ from .namespace import (
     Area,
     area_of,
     check_name,
+    is_marker,
     is_temporary,
     require_changeable,
 )
@@ -182,31 +183,47 @@ class Renames:
             raise NotADirectory(dst)
         if target is DIR and (self.files.inside(dst) or await self.store.has_children(dst + "/")):
             raise NotEmpty(dst)
-        for f in self.files.under(src):
-            await self.files.settle(f)
-        # Spooled files (write-back) move with their folder: the journal takes the new name.
-        unsent = [f for f in self.files.under(src) if f.state in UNSENT and f.spooled is None]
-        if unsent:
-            raise busy(f"{src} holds {unsent[0].path}, not uploaded yet ({unsent[0].state.value}); "
-                       "rename the folder once it is")
-        objects = await self.store.list_tree(src + "/")
-        check_keys(src, dst, objects)
-        async with contextlib.AsyncExitStack() as held:
-            for f in self.files.under(src):  # spooled ones: no upload under the old names meanwhile
-                await held.enter_async_context(self.files.changing(f))
+        async with contextlib.AsyncExitStack() as stack:
+            holding = await self._hold_still(src, stack)
+            # Spooled files (write-back) move with their folder: the journal takes the new name.
+            unsent = [f for f in holding if f.state in UNSENT and f.spooled is None]
+            if unsent:
+                raise busy(f"{src} holds {unsent[0].path}, not uploaded yet ({unsent[0].state.value}); "
+                           "rename the folder once it is")
+            objects = await self.store.list_tree(src + "/")
+            # Markers of folders made here (write-back) not in S3 yet are sent with the copies,
+            # so a rename that fails half way leaves the new folders whole, as S3's would be.
+            markers = [ObjectInfo(f.path, 0, 0.0, "") for f in holding if is_marker(f.path)]
+            check_keys(src, dst, objects + [ObjectInfo(f.path, 0, 0.0, "") for f in holding])
             # A spooled file's object is superseded by the spool's version, which goes up under
             # the new name: deleted, not copied (S3 never shows its old bytes there).
-            superseded = {f.path for f in self.files.under(src) if f.spooled is not None}
+            superseded = {f.path for f in holding if f.spooled is not None}
             try:
                 for info in objects:
                     if info.path in superseded:
                         await self.store.delete(info.path)
-                await move_tree(self.store, src, dst, [o for o in objects if o.path not in superseded],
-                                marker_held=self.files.marker(src) is not None)
+                await move_tree(self.store, src, dst,
+                                [o for o in objects if o.path not in superseded] + markers)
             finally:  # also after a failure: the copies it made show at once
                 for path in [p for p in self.listings
                              if p in (src, dst) or p.startswith(src + "/") or p.startswith(dst + "/")]:
                     self.listings.forget(path)
-            for f in self.files.under(src):  # still open, or spooled: on under the new names
-                self.files.renamed(f, dst + f.path[len(src):])
+            for f in holding:
+                if is_marker(f.path):
+                    self.files.detach(f)  # in S3 under the new name now
+                else:  # still open, or spooled: on under the new name
+                    self.files.renamed(f, dst + f.path[len(src):])
+
+    async def _hold_still(self, src: str, stack: contextlib.AsyncExitStack) -> list:
+        """Every file held under `src`, each settled and held still (`changing`: no upload
+        starts) until `stack` closes. Taken before S3 is listed: an upload ending between
+        the LIST and the move left its object out of the listing and its file out of the
+        table, so it moved with neither (found by helper-10: `cp -r` into a new folder, then
+        `mv` of it as the copy's uploads began)."""
+        holding: list = []
+        while new := [f for f in self.files.under(src) if all(f is not h for h in holding)]:
+            for f in new:
+                await stack.enter_async_context(self.files.changing(f))
+                holding.append(f)
+        return [f for f in holding if self.files.get(f.path) is f]  # (not uploaded meanwhile)
 

@@ -249,7 +249,7 @@ class WriteBack:
         staged = f.staged
         await staged.fill_all()  # every byte local: the object it started from may change
         older = f.spooled  # the last closed version, kept while this one was written
-        while self.spool.used and self._used_besides(older) + staged.size > self.spool.cap:
+        while staged.size and self.spool.used and self._used_besides(older) + staged.size > self.spool.cap:
             log.info("spool full (%d of %d bytes): %s waits for uploads to make room",
                      self.spool.used, self.spool.cap, f.path)
             await self.spool.room.wait()
@@ -268,6 +268,10 @@ class WriteBack:
             self._burst_began = now
         self._last_spooled = now
         self._small.total_tokens = self._width(now)
+        self.queue(f)
+
+    def queue(self, f) -> None:
+        """`f` is spooled and needs an upload (a task is started unless one is running)."""
         self._pending.append(f)
         self.wake()
 

@@ -873,7 +873,10 @@ class CoreModel(RuleBasedStateMachine):
                 self._detach(f)
         for d in [d for d in self.dirs if d == src or d.startswith(src + "/")]:
             new = dst + d[len(src):]
-            self.ok[new + "/"] = {self.store.content(new + "/")}
+            # (What the target's marker could be stays possible: one made with write-back may
+            # still be on its way.)
+            before = self.allowed(new + "/") if new != src else set()
+            self.ok[new + "/"] = {self.store.content(new + "/")} | before
             if any(k.startswith(new + "/") for k in self.store.objects):
                 self.dirs.add(new)
 
