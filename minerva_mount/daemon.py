@@ -99,6 +99,7 @@ async def serve(settings: Settings, api_key: str, on_ready: Callable[[], None]) 
             staging = StagingArea(open_private_dir(cache_root / "staging"))
         except OSError as exc:
             raise MountError(f"staging folder: {_why(exc, cache_root / 'staging')}") from None
+        await nursery.start(staging.keep_spares)
         writeback = None
         if settings.write_back:
             try:

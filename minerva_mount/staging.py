@@ -45,6 +45,9 @@ class _Skipped:
         return self.size
 
 
+SPARES = 8  # empty staging files kept ready (StagingArea.keep_spares)
+
+
 class StagingArea:
     """The staging folder: makes staging files, and is the one place that writes to them.
 
@@ -53,6 +56,8 @@ class StagingArea:
 
     def __init__(self, folder_fd: int):
         self.folder_fd = folder_fd
+        self._spares: list[int] = []  # empty staging files made ahead (keep_spares)
+        self._taken = trio.Event()  # a spare was taken: make another
 
     @classmethod
     def private_temporary(cls) -> "StagingArea":
@@ -61,7 +66,36 @@ class StagingArea:
         return cls(os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))
 
     def new_file(self) -> int:
-        """A file with no name, 0600, in the staging folder."""
+        """A file with no name, 0600, in the staging folder: a spare if there is one."""
+        if self._spares:
+            self._taken.set()
+            return self._spares.pop()
+        return self._make_file()
+
+    async def keep_spares(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep SPARES empty staging files ready (a task of the daemon's nursery).
+
+        Making one on the event loop cost each create 0.11 ms during a write-back copy, a
+        third of the create's time: an unnamed file joins the file system's orphan list, a
+        journal update that waits while the previous close's fsync commits. Here it waits in
+        a thread, between creates. After a failure (a full disk) none is made until the next
+        is taken; the create itself then meets the error.
+        """
+        task_status.started()
+        try:
+            while True:
+                self._taken = trio.Event()
+                try:
+                    while len(self._spares) < SPARES:
+                        self._spares.append(await trio.to_thread.run_sync(self._make_file))
+                except OSError as exc:
+                    log.warning("could not make a spare staging file: %s", exc.strerror)
+                await self._taken.wait()
+        finally:
+            while self._spares:
+                os.close(self._spares.pop())
+
+    def _make_file(self) -> int:
         try:
             return os.open(".", os.O_TMPFILE | os.O_RDWR, 0o600, dir_fd=self.folder_fd)
         except OSError as exc:
