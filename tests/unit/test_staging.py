@@ -7,6 +7,7 @@ import pytest
 import trio
 import trio.testing
 
+from minerva_mount import staging
 from minerva_mount.core import Core
 from minerva_mount.errors import MinervaError
 from minerva_mount.fakestore import FakeStore
@@ -309,3 +310,36 @@ def test_parts_go_up_in_parallel_with_a_bound(run, staged):
         assert store.objects["Incoming/big.bin"][0] == data
         assert peak == MAX_INFLIGHT
     run(test)
+
+
+async def all_spares(area: StagingArea) -> None:
+    """Poll (with a deadline) until the spares are all made: they are made in a thread."""
+    with trio.fail_after(10):
+        while len(area._spares) < staging.SPARES:
+            await trio.sleep(0.001)
+
+
+def test_spare_staging_files_are_made_ahead_private_and_closed_at_the_end():
+    """keep_spares makes SPARES empty unnamed 0600 files ahead; a create takes one and another
+    is made; when the task ends every spare is closed."""
+    area = StagingArea.private_temporary()
+    taken = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(area.keep_spares)
+            await all_spares(area)
+            spares = list(area._spares)
+            taken.append(area.new_file())
+            assert taken[0] in spares
+            await all_spares(area)  # made again
+            spares = list(area._spares)
+            nursery.cancel_scope.cancel()
+        for fd in spares:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed
+    trio.run(main)
+    st = os.fstat(taken[0])
+    assert st.st_size == 0 and st.st_nlink == 0 and st.st_mode & 0o777 == 0o600
+    assert os.listdir(f"/proc/self/fd/{area.folder_fd}") == []
+    os.close(taken[0])
