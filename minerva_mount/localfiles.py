@@ -416,7 +416,9 @@ class LocalFiles:
             self._update_idle()
         f.state = State.SPOOLED
         self._update_idle()
-        log.info("spooled %s (%d bytes): uploaded in the background", f.path, f.size)
+        # (DEBUG: at INFO, formatting and writing this line was 0.04 ms of each close's ~1 ms
+        # in a copy of small files; "uploaded ..." follows at INFO.)
+        log.debug("spooled %s (%d bytes): uploaded in the background", f.path, f.size)
 
     async def send_spooled(self, f: LocalFile) -> None:
         """Write-back's background upload of a spooled file (writeback.WriteBack._upload)."""
