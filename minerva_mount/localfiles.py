@@ -25,8 +25,8 @@ held file to S3.
 With write-back, a folder made here is held too, until its marker (the empty object `dir/`)
 is in S3: as the file `dir/`, spooled and uploaded as any other (`folder_made`), so `mkdir`
 returns without a round trip and a crash loses no folder. Until then the folder shows from
-here (`marker`, `folders_in`); a rename of it or of a folder above it moves the marker along,
-and rmdir detaches it.
+here (`marker`, `folders_in`); a rename of it or of a folder above it sends the marker under
+the new name with its copies, and rmdir deletes it; either then detaches it.
 """
 
 import contextlib

@@ -214,16 +214,16 @@ class Renames:
                 else:  # still open, or spooled: on under the new name
                     self.files.renamed(f, dst + f.path[len(src):])
 
-    async def _hold_still(self, src: str, stack: contextlib.AsyncExitStack) -> list:
+    async def _hold_still(self, src: str, stack: contextlib.AsyncExitStack) -> list[LocalFile]:
         """Every file held under `src`, each settled and held still (`changing`: no upload
         starts) until `stack` closes. Taken before S3 is listed: an upload ending between
         the LIST and the move left its object out of the listing and its file out of the
         table, so it moved with neither (found by helper-10: `cp -r` into a new folder, then
         `mv` of it as the copy's uploads began)."""
-        holding: list = []
-        while new := [f for f in self.files.under(src) if all(f is not h for h in holding)]:
+        holding: dict[int, LocalFile] = {}
+        while new := [f for f in self.files.under(src) if id(f) not in holding]:
             for f in new:
                 await stack.enter_async_context(self.files.changing(f))
-                holding.append(f)
-        return [f for f in holding if self.files.get(f.path) is f]  # (not uploaded meanwhile)
+                holding[id(f)] = f
+        return [f for f in holding.values() if self.files.get(f.path) is f]  # (not uploaded meanwhile)
 
