@@ -218,12 +218,21 @@ class Renames:
         """Every file held under `src`, each settled and held still (`changing`: no upload
         starts) until `stack` closes. Taken before S3 is listed: an upload ending between
         the LIST and the move left its object out of the listing and its file out of the
-        table, so it moved with neither (found by helper-10: `cp -r` into a new folder, then
-        `mv` of it as the copy's uploads began)."""
-        holding: dict[int, LocalFile] = {}
-        while new := [f for f in self.files.under(src) if id(f) not in holding]:
-            for f in new:
-                await stack.enter_async_context(self.files.changing(f))
-                holding[id(f)] = f
-        return [f for f in holding.values() if self.files.get(f.path) is f]  # (not uploaded meanwhile)
+        table, so it moved with neither (WB11: `cp -r` into a new folder, then `mv` of it as
+        the copy's uploads began).
+
+        Nothing is held while anything is waited for: all are settled first, then all taken
+        at one instant (taking a settled file has no checkpoint). Holding one while waiting
+        for the next let another rename move a held file out of the folder first (WB16), and
+        deadlocked with a close in the folder waiting for spool room that only the held
+        file's upload could make (WB17)."""
+        while True:
+            for f in self.files.under(src):
+                await self.files.settle(f)
+            files = self.files.under(src)
+            if all(f.settled.is_set() for f in files):
+                break
+        for f in files:
+            await stack.enter_async_context(self.files.changing(f))
+        return files
 

@@ -67,8 +67,8 @@ class StagingArea:
 
     def new_file(self) -> int:
         """A file with no name, 0600, in the staging folder: a spare if there is one."""
+        self._taken.set()  # (also when none is ready: after a full disk, make them again, WB19)
         if self._spares:
-            self._taken.set()
             return self._spares.pop()
         return self._make_file()
 

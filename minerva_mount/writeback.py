@@ -352,27 +352,31 @@ class WriteBack:
                     self._wake = trio.Event()
 
     async def _upload(self, f) -> None:
+        """Upload `f`, retrying with backoff. A slot of the limiter is held per attempt, not
+        across the backoff: two failing files held both slots of a copy in progress, and no
+        other file went up for its whole length (WB18)."""
         delay = RETRY_FIRST
+        limiter = self._small if f.size < SMALL_FILE else self._large
         try:
-            async with self._small if f.size < SMALL_FILE else self._large:
-                while f.spooled is not None and f.spooled.failed is None:
-                    try:
+            while f.spooled is not None and f.spooled.failed is None:
+                try:
+                    async with limiter:
                         await self.files.send_spooled(f)
+                    return
+                except MinervaError as exc:
+                    if exc.errno in PERMANENT:
+                        log.error("write-back of %s failed for good, kept in the spool: %s", f.path, exc)
+                        self.files.spool_failed(f, exc)
                         return
-                    except MinervaError as exc:
-                        if exc.errno in PERMANENT:
-                            log.error("write-back of %s failed for good, kept in the spool: %s", f.path, exc)
-                            self.files.spool_failed(f, exc)
-                            return
-                        if exc.errno == errno.ENOENT and f.spooled is not None and f.spooled.upload_id:
-                            f.spooled.upload_id, f.spooled.parts = None, {}  # the upload is gone
-                        log.warning("write-back of %s failed, retrying in %.0f s: %s", f.path, delay, exc)
-                    except Exception as exc:  # a bug: this file waits for the next start, the mount goes on
-                        log.exception("write-back of %s failed unexpectedly; kept in the spool", f.path)
-                        why = MinervaError(f"{f.path}: internal error ({type(exc).__name__})")
-                        self.files.spool_failed(f, why)
-                        return
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX)
+                    if exc.errno == errno.ENOENT and f.spooled is not None and f.spooled.upload_id:
+                        f.spooled.upload_id, f.spooled.parts = None, {}  # the upload is gone
+                    log.warning("write-back of %s failed, retrying in %.0f s: %s", f.path, delay, exc)
+                except Exception as exc:  # a bug: this file waits for the next start, the mount goes on
+                    log.exception("write-back of %s failed unexpectedly; kept in the spool", f.path)
+                    why = MinervaError(f"{f.path}: internal error ({type(exc).__name__})")
+                    self.files.spool_failed(f, why)
+                    return
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
         finally:
             self._active.discard(id(f))

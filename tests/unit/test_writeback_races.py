@@ -1,11 +1,13 @@
-"""Write-back findings of helper-10 (set on breaking spooled folder markers and upload
-pacing), each pinned: WB11-WB15. Core over a ModelStore on a MockClock, as in
-test_core_regressions.py (whose Kernel, run_wb, written, sync and fails_with these use).
+"""Write-back findings of helper-10 and helper-11 (set on breaking spooled folder markers,
+upload pacing, folder renames and spare staging files), each pinned: WB11-WB19. Core over
+a ModelStore on a MockClock, as in test_core_regressions.py (whose Kernel, run_wb, written,
+sync and fails_with these use).
 """
 
 import contextlib
 import errno
 import os
+import threading
 
 import pytest
 import trio
@@ -14,8 +16,9 @@ from model_support import quiet_logs, set_small_parts, ttl_passes
 from test_core_regressions import fails_with, run_wb, sync, written
 from wb_support import drain_spool
 
-from minerva_mount import writeback
-from minerva_mount.errors import MinervaError
+from minerva_mount import staging, writeback
+from minerva_mount.errors import MinervaError, StoreError
+from minerva_mount.staging import StagingArea
 
 
 @pytest.fixture(autouse=True)
@@ -140,3 +143,110 @@ def test_wb15_a_spooled_file_put_back_after_a_refused_rename_onto_it_is_uploaded
         await drain_spool(k.core)
         assert k.stored("Incoming/b") == b"bbb" and k.stored("Incoming/a") == b"new"
     run_wb(test)
+
+
+def test_wb16_a_folder_rename_leaves_a_file_another_rename_moved_out_to_it():
+    """WB16 (helper-11): `d/x` spooled over an older `d/x`; `mv d/x y` waits for its DELETE
+    while `mv d e` starts: the folder rename waited to hold `x`, then took it although it was
+    `y` by then, and sent it as `Incoming/e`. Promised: each file once, under its name."""
+    async def test(k):
+        k.store.add("Incoming/d/x", b"old")
+        await k.listing("Incoming/d")
+        fh = await k.create("Incoming/d/x")
+        await k.core.write(fh, 0, b"new")
+        await k.close(fh)
+        await trio.testing.wait_all_tasks_blocked()
+        gate = k.store.gates["delete"] = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.rename, "Incoming/d/x", "Incoming/y")
+            while "delete" not in k.store.arrived:
+                await trio.sleep(0)
+            nursery.start_soon(k.rename, "Incoming/d", "Incoming/e")
+            await trio.testing.wait_all_tasks_blocked()
+            del k.store.gates["delete"]
+            gate.set()
+        await sync(k)
+        assert sorted(k.store.objects) == ["Incoming/e/", "Incoming/y"]
+        assert k.stored("Incoming/y") == b"new"
+    run_wb(test)
+
+
+def test_wb17_a_folder_rename_beside_a_close_waiting_for_spool_room_ends():
+    """WB17 (helper-11): spool of 10 bytes, `d/a` (8) spooled, the close of `d/b` (5) waits
+    for room, then `mv d e`: the rename held `a` still while it waited for `b`, whose room
+    only `a`'s upload could make: `mv`, the close and every later close waited for ever."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        fa = await k.create("Incoming/d/a")
+        await k.core.write(fa, 0, b"a" * 8)
+        await k.close(fa)  # spooled; its upload waits for the copy's pause (trio time stands)
+        fb = await k.create("Incoming/d/b")
+        await k.core.write(fb, 0, b"b" * 5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.close, fb)  # waits for room
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(k.rename, "Incoming/d", "Incoming/e")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(600) as waited:  # ten minutes of trio time, moving
+                await drain_spool(k.core)
+            nursery.cancel_scope.cancel()
+        assert not waited.cancelled_caught, [(f.path, f.state.value) for f in k.core.files]
+        assert k.stored("Incoming/e/a") == b"a" * 8 and k.stored("Incoming/e/b") == b"b" * 5
+    run_wb(test, cap=10)
+
+
+def test_wb18_a_long_copy_uploads_as_it_goes_though_two_files_keep_failing():
+    """WB18 (helper-11): a copy of closes 10 ms apart, its first two files' PUTs failing
+    (retried with backoff): they kept both upload slots of the burst through their backoff,
+    and none of the other 3,000 went up during the 30 s copy. Promised (SEMANTICS): a long
+    copy still uploads as it goes."""
+    async def test(k):
+        await k.listing("Incoming")
+        real_put = k.store.put
+
+        async def put(path, data, *args, **kwargs):
+            if path.startswith("Incoming/bad"):
+                raise StoreError(f"put {path}: 500 InternalError (test)")
+            return await real_put(path, data, *args, **kwargs)
+        k.store.put = put
+        for name in ["bad1", "bad2"] + [f"f{i:04}" for i in range(3000)]:
+            fh = await k.create(f"Incoming/{name}")
+            await k.core.write(fh, 0, b"x")
+            await k.close(fh)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.current_clock().jump(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len([key for key in k.store.objects if key.startswith("Incoming/f")]) > 1000
+    run_wb(test)
+
+
+def test_wb19_spare_staging_files_come_back_after_a_full_disk():
+    """WB19 (helper-11): after making a spare failed (ENOSPC) with none left, none was taken,
+    so none was ever made again: every create paid for its file on the event loop."""
+    area = StagingArea.private_temporary()
+    full, refused, real = [True], threading.Event(), area._make_file
+
+    def make():
+        if full[0]:
+            refused.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real()
+    area._make_file = make
+    made = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(area.keep_spares)
+            with trio.fail_after(10):  # (made in a thread: poll, with a deadline)
+                while not refused.is_set():
+                    await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()  # keep_spares waits for a create
+            assert area._spares == []
+            full[0] = False  # room again
+            made.append(area.new_file())  # a create goes on
+            with trio.fail_after(10):  # (spares are made in a thread: poll, with a deadline)
+                while len(area._spares) < staging.SPARES:
+                    await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+    os.close(made[0])
