@@ -44,7 +44,10 @@ BUCKET = "minerva-local"
 REGION = "us-east-1"
 ROLE_ARN = "arn:aws:iam::role/MinervaOrg"
 GRPC_OFFSET = 10000  # weed serves gRPC on each HTTP port + 10000
-PORT_RANGE = (20000, 29999)
+# Below the kernel's ephemeral range (32768-60999 by default), gRPC ports included: S3 made
+# `up` again reuses its ports, and one an outgoing connection had taken meanwhile (gRPC port
+# 34550, of 24550) failed the restart: "bind: address already in use" (CI run, 2026-12-02).
+PORT_RANGE = (12000, 22000)
 LOG_ROTATE_BYTES = 16 * 1024 * 1024
 START_ATTEMPTS = 3  # a port picked as free can be taken before weed binds it
 PORTS_RECORD = "minerva-ports.json"  # in the data dir: the ports of the weed started last
