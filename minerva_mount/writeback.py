@@ -249,6 +249,7 @@ class WriteBack:
         staged = f.staged
         await staged.fill_all()  # every byte local: the object it started from may change
         older = f.spooled  # the last closed version, kept while this one was written
+        # (Nothing of size 0 waits: an empty file or a folder's marker takes no room, WB13.)
         while staged.size and self.spool.used and self._used_besides(older) + staged.size > self.spool.cap:
             log.info("spool full (%d of %d bytes): %s waits for uploads to make room",
                      self.spool.used, self.spool.cap, f.path)
