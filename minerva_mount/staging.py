@@ -57,7 +57,7 @@ class StagingArea:
     def __init__(self, folder_fd: int):
         self.folder_fd = folder_fd
         self._spares: list[int] = []  # empty staging files made ahead (keep_spares)
-        self._taken = trio.Event()  # a spare was taken: make another
+        self._taken = trio.Event()  # a create came: make spares up to SPARES again
 
     @classmethod
     def private_temporary(cls) -> "StagingArea":
@@ -79,7 +79,7 @@ class StagingArea:
         third of the create's time: an unnamed file joins the file system's orphan list, a
         journal update that waits while the previous close's fsync commits. Here it waits in
         a thread, between creates. After a failure (a full disk) none is made until the next
-        is taken; the create itself then meets the error.
+        create, which then makes its own file (and meets the error itself if there is one).
         """
         task_status.started()
         try:
