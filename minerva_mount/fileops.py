@@ -106,6 +106,11 @@ class FileOps:
     async def _open_writer(self, node: Node, flags: int, pid: int | None, created: bool) -> int:
         """A streaming handle for a new file written front to back; a staged one otherwise."""
         f = self._changeable(node.path)
+        while f is not None and not f.settled.is_set():
+            # An upload under way: it may end by dropping the file and closing its staging
+            # descriptor (no handle held it), so look again once it is done (WB21).
+            await self.files.settle(f)
+            f = self._changeable(node.path)
         if f is not None and f.state is State.STREAMING:
             raise busy(f"{node.path} is already open for writing")
         truncate = bool(flags & os.O_TRUNC) or created

@@ -35,6 +35,8 @@ from .store import ObjectInfo
 
 log = logging.getLogger("minerva.core")
 
+HOLD_ROUNDS = 64  # waits for files under a folder being renamed to settle, then EBUSY
+
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
@@ -225,14 +227,18 @@ class Renames:
         at one instant (taking a settled file has no checkpoint). Holding one while waiting
         for the next let another rename move a held file out of the folder first (WB16), and
         deadlocked with a close in the folder waiting for spool room that only the held
-        file's upload could make (WB17)."""
-        while True:
+        file's upload could make (WB17). Files saved again and again (or a copy going on in
+        the folder) may never all be settled at once: after HOLD_ROUNDS waits, EBUSY (WB20);
+        the tail of a write-back copy of 1,000 small files (16 uploads at once) takes ~63."""
+        for _ in range(HOLD_ROUNDS):
             for f in self.files.under(src):
                 await self.files.settle(f)
             files = self.files.under(src)
             if all(f.settled.is_set() for f in files):
-                break
-        for f in files:
-            await stack.enter_async_context(self.files.changing(f))
-        return files
+                for f in files:
+                    await stack.enter_async_context(self.files.changing(f))
+                return files
+        busy_now = [f.path for f in self.files.under(src) if not f.settled.is_set()]
+        raise busy(f"{src}: files under it keep being uploaded or saved ({busy_now[:1]}); rename "
+                   "the folder once they are done")
 

@@ -1,5 +1,5 @@
-"""Write-back findings of helper-10 and helper-11 (set on breaking spooled folder markers,
-upload pacing, folder renames and spare staging files), each pinned: WB11-WB19. Core over
+"""Write-back findings of helpers 10-12 (set on breaking spooled folder markers,
+upload pacing, folder renames and spare staging files), each pinned: WB11-WB21. Core over
 a ModelStore on a MockClock, as in test_core_regressions.py (whose Kernel, run_wb, written,
 sync and fails_with these use).
 """
@@ -250,3 +250,74 @@ def test_wb19_spare_staging_files_come_back_after_a_full_disk():
             nursery.cancel_scope.cancel()
     trio.run(main)
     os.close(made[0])
+
+
+def test_wb20_a_folder_rename_beside_files_saved_again_and_again_ends():
+    """WB20 (helper-12): `a` and `b` in `d` saved every 0.3 s (each PUT taking 1 s), `mv d e`:
+    the rename waited for one to settle while the other's upload began, for ever. Promised:
+    mv ends, moved or refused (EBUSY, logged), and nothing is lost either way."""
+    async def test(k):
+        await k.mkdir("Incoming/d")
+        real_put = k.store.put
+
+        async def slow_put(path, data, *args, **kwargs):
+            await trio.sleep(1.0)
+            return await real_put(path, data, *args, **kwargs)
+        k.store.put = slow_put
+        ended = []
+
+        async def saver(name, offset):
+            await trio.sleep(offset)
+            path = f"Incoming/d/{name}"
+            await written(k, path, b"v")
+            await k.open(path, os.O_RDONLY)  # a reader keeps it held
+            for i in range(1, 100):
+                await trio.sleep(0.3)
+                path = f"Incoming/{'e' if ended == ['moved'] else 'd'}/{name}"
+                fh = await k.open(path, os.O_WRONLY | os.O_TRUNC)
+                await k.core.write(fh, 0, b"v%d" % i)
+                await k.close(fh)
+
+        async def mv():
+            await trio.sleep(5)
+            try:
+                await k.rename("Incoming/d", "Incoming/e")
+                ended.append("moved")
+            except MinervaError as exc:
+                assert exc.errno == errno.EBUSY
+                ended.append("refused")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(saver, "a", 0.0)
+            nursery.start_soon(saver, "b", 0.5)
+            nursery.start_soon(mv)
+            with trio.move_on_after(300):
+                while not ended:
+                    await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert ended, "mv of the folder did not end within 300 s of trio time"
+    run_wb(test, autojump=True)
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY | os.O_TRUNC, os.O_RDWR])
+def test_wb21_a_file_opened_while_its_upload_is_on_the_wire_is_written(flags):
+    """WB21 (helper-12, older): `a` spooled, its PUT on the wire, `open(a)` for writing: the
+    open waited for the upload, whose end dropped the file and closed its staging descriptor,
+    and the open then used that descriptor (EIO: Bad file descriptor; a reused descriptor
+    would have been another file's). Promised: the open and the write succeed."""
+    async def test(k):
+        gate = k.store.gates["put"] = trio.Event()
+        await written(k, "Incoming/a", b"old")  # its PUT waits at the gate
+        assert "put" in k.store.arrived
+        async with trio.open_nursery() as nursery:
+            async def opener():
+                fh = await k.open("Incoming/a", flags)
+                await k.core.write(fh, 0, b"NEW")
+                await k.close(fh)
+            nursery.start_soon(opener)
+            await trio.testing.wait_all_tasks_blocked()
+            del k.store.gates["put"]
+            gate.set()
+        await sync(k)
+        assert k.stored("Incoming/a") == b"NEW"
+    run_wb(test)
